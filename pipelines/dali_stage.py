@@ -1,0 +1,148 @@
+"""The DALI stage: read shards, decode once, then one random-resized crop + flip per view.
+
+Geometry only; photometric work happens later on the training device (pipelines/photometric.py).
+Per view the pipeline also outputs the crop box in original-image pixels (y0, x0, h, w) and the flip
+flag, so masked and dense methods can relate views to each other. The flip is folded into the
+resize by swapping the ROI's x ends (DALI flips a ROI whose start exceeds its end), so it costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.shards import ShardSet
+from pipelines.spec import Recipe
+
+READER_NAME = "reader"
+_INTERPOLATION = {
+    "nearest": types.INTERP_NN,
+    "bilinear": types.INTERP_LINEAR,
+    "bicubic": types.INTERP_CUBIC,
+    "lanczos": types.INTERP_LANCZOS3,
+}
+
+
+@dataclass(frozen=True)
+class DaliConfig:
+    """How the DALI stage runs. `device_id=None` means CPU-only (decode on the CPU)."""
+
+    batch_size: int
+    shard_id: int = 0
+    num_shards: int = 1
+    seed: int = 0
+    device_id: int | None = None
+    num_threads: int = 2
+    prefetch_queue_depth: int = 2
+    shuffle_buffer: int = 4096
+    hw_decoder_load: float = 0.65
+
+    @property
+    def decoder_device(self) -> str:
+        return "cpu" if self.device_id is None else "mixed"
+
+    @property
+    def reader_seed(self) -> int:
+        # Per-rank stream for the shuffle buffer and crops; the shard-order shuffle uses the run seed.
+        return (self.seed * 1_000_003 + self.shard_id * 7919 + 17) % (2**31)
+
+
+def output_names(recipe: Recipe) -> list[str]:
+    names = ["label", "key", "image_size"]
+    for group_index, group in enumerate(recipe.groups):
+        for view in range(group.count):
+            names += [f"view_{group_index}_{view}", f"box_{group_index}_{view}", f"flip_{group_index}_{view}"]
+    return names
+
+
+def _key_length(shards: ShardSet) -> int:
+    """An upper bound on the `source_info` string ("tar:offset:member") so keys pad to a dense batch.
+
+    Tar member names are at most 255 bytes (USTAR prefix + name) and offsets at most 20 digits.
+    """
+    return max(len(str(path)) for path in shards.tars) + 1 + 20 + 1 + 256
+
+
+def _random_view(image, shape_hw, group):
+    """One random-resized crop + flip of `image`; returns (crop, box, flip)."""
+    anchor, size = fn.random_crop_generator(
+        shape_hw, random_area=list(group.scale), random_aspect_ratio=list(group.ratio)
+    )
+    anchor = fn.cast(anchor, dtype=types.FLOAT)
+    size = fn.cast(size, dtype=types.FLOAT)
+    flip = fn.random.coin_flip(probability=group.flip_p, dtype=types.UINT8)
+    flip_f = fn.cast(flip, dtype=types.FLOAT)
+    y0, x0 = anchor[0], anchor[1]
+    h, w = size[0], size[1]
+    start = fn.stack(y0, x0 + flip_f * w)
+    end = fn.stack(y0 + h, x0 + w - flip_f * w)
+    crop = fn.resize(
+        image,
+        roi_start=start,
+        roi_end=end,
+        roi_relative=False,
+        size=[group.size, group.size],
+        interp_type=_INTERPOLATION[group.interpolation],
+        antialias=True,
+    )
+    box = fn.stack(y0, x0, h, w)
+    return crop, box, flip
+
+
+def build_pipeline(recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None):
+    """A DALI pipeline whose outputs follow `output_names(recipe)`."""
+    key_length = _key_length(shards)
+
+    @pipeline_def(enable_checkpointing=True)
+    def views_pipeline():
+        jpegs, labels = fn.readers.webdataset(
+            paths=[str(path) for path in shards.tars],
+            index_paths=[str(path) for path in shards.indexes],
+            ext=["jpg", "lab.i32"],
+            dtypes=[types.UINT8, types.INT32],
+            missing_component_behavior="error",
+            shard_id=config.shard_id,
+            num_shards=config.num_shards,
+            random_shuffle=True,
+            initial_fill=max(1, min(config.shuffle_buffer, shards.num_samples // config.num_shards)),
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=config.seed,
+            pad_last_batch=True,
+            dont_use_mmap=True,
+            name=READER_NAME,
+        )
+        keys = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0, shape=[key_length])
+        shape = fn.peek_image_shape(jpegs)
+        shape_hw = shape[0:2]
+        decode_args = {"hw_decoder_load": config.hw_decoder_load} if config.decoder_device == "mixed" else {}
+        images = fn.decoders.image(jpegs, device=config.decoder_device, output_type=types.RGB, **decode_args)
+        outputs = [labels, keys, fn.cast(shape_hw, dtype=types.INT32)]
+        for group in recipe.groups:
+            for _ in range(group.count):
+                outputs.extend(_random_view(images, shape_hw, group))
+        return tuple(outputs)
+
+    pipe = views_pipeline(
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        device_id=config.device_id,
+        seed=config.reader_seed,
+        prefetch_queue_depth=config.prefetch_queue_depth,
+        checkpoint=checkpoint,
+    )
+    pipe.build()
+    return pipe
+
+
+def build_iterator(recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None):
+    """A DALIGenericIterator over whole batches only (the partial last batch of an epoch is dropped)."""
+    pipe = build_pipeline(recipe, shards, config, checkpoint)
+    return DALIGenericIterator(
+        [pipe],
+        output_map=output_names(recipe),
+        reader_name=READER_NAME,
+        last_batch_policy=LastBatchPolicy.DROP,
+        auto_reset=True,
+    )

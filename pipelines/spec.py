@@ -1,0 +1,334 @@
+"""View recipes as data: view groups, photometric parameters, masking, the `--multicrop` parser and
+one preset per method (values from shared/reference/RECIPES.md).
+
+A recipe is a tuple of view groups; every view of one group has the same crop size, so the whole group
+is one tensor and one backbone forward. Per-view asymmetries (BYOL/DINO blur 1.0 vs 0.1, solarize on
+the second view only) live in `ViewGroup.photometric`, one entry per view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SWAV_STD = (0.228, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+MASK_KINDS = ("random", "block")
+
+
+class RecipeError(ValueError):
+    """A recipe or `--multicrop` value that cannot be used; the message is one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Photometric parameters of one view. Every `*_p` is a per-sample probability.
+
+    Colour jitter follows torchvision's ColorJitter: brightness/contrast/saturation factors are drawn
+    from [max(0, 1 - s), 1 + s], hue from [-h, h] (in turns), the four ops in random per-image order,
+    all gated together by `jitter_p`. Solarize inverts values >= 0.5 (128 on the 0-255 scale).
+    """
+
+    jitter_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise RecipeError(f"photometric {name}={value} is not a probability in [0, 1]")
+        if not 0.0 <= self.hue <= 0.5:
+            raise RecipeError(f"photometric hue={self.hue} must be in [0, 0.5]")
+        low, high = self.blur_sigma
+        if not 0.0 < low <= high:
+            raise RecipeError(f"photometric blur_sigma={self.blur_sigma} must satisfy 0 < low <= high")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.jitter_p == 0 and self.grayscale_p == 0 and self.blur_p == 0 and self.solarize_p == 0
+
+
+NO_PHOTOMETRIC = Photometric()
+
+
+@dataclass(frozen=True)
+class ViewGroup:
+    """`count` views of `size`x`size` pixels, each an independent random-resized crop + flip.
+
+    `scale` is the crop area as a fraction of the image area and `ratio` the aspect range (w/h) of
+    the crop. `photometric` holds one entry per view, or a single entry shared by all views.
+    """
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+    photometric: tuple[Photometric, ...]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.size < 1:
+            raise RecipeError(f"view group {self.count}x{self.size}: count and size must be positive")
+        low, high = self.scale
+        if not 0.0 < low <= high <= 1.0:
+            raise RecipeError(f"view group {self.count}x{self.size}: scale {self.scale} must satisfy 0 < low <= high <= 1")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise RecipeError(f"view group {self.count}x{self.size}: ratio {self.ratio} must satisfy 0 < low <= high")
+        if self.interpolation not in INTERPOLATIONS:
+            raise RecipeError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if len(self.photometric) not in (1, self.count):
+            raise RecipeError(
+                f"view group {self.count}x{self.size}: {len(self.photometric)} photometric entries, "
+                f"expected 1 or {self.count}"
+            )
+
+    def view_photometric(self, view: int) -> Photometric:
+        return self.photometric[view % len(self.photometric)]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.count}x{self.size}@{_number(self.scale[0])}-{_number(self.scale[1])}"
+
+
+@dataclass(frozen=True)
+class Masking:
+    """Patch masks for masked-image methods, drawn for the first `views` views of group 0.
+
+    `random`: exactly round(ratio * patches) masked patches per sample (MAE). `block`: BEiT-style
+    rectangular blocks of at least `min_block_patches` with aspect in `block_aspect`, topped up at
+    random to exactly round(ratio * patches) (SIM). True in a mask means "hidden from the encoder".
+    """
+
+    kind: str
+    ratio: float
+    patch_size: int
+    views: int = 1
+    min_block_patches: int = 16
+    block_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+
+    def __post_init__(self) -> None:
+        if self.kind not in MASK_KINDS:
+            raise RecipeError(f"mask kind {self.kind!r} is not one of {', '.join(MASK_KINDS)}")
+        if not 0.0 < self.ratio < 1.0:
+            raise RecipeError(f"mask ratio {self.ratio} must be in (0, 1)")
+        if self.patch_size < 1 or self.views < 1:
+            raise RecipeError("mask patch_size and views must be positive")
+
+    def grid(self, size: int) -> int:
+        if size % self.patch_size:
+            raise RecipeError(
+                f"crop size {size} is not a multiple of the patch size {self.patch_size}: "
+                f"choose --multicrop sizes divisible by {self.patch_size}"
+            )
+        return size // self.patch_size
+
+    def num_masked(self, size: int) -> int:
+        return round(self.ratio * self.grid(size) ** 2)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the input stack needs to turn a decoded image into views.
+
+    `mean`/`std` of None means no normalisation (inputs stay in [0, 1], as SimCLR does).
+    `global_only_scale` is the scale used when the user keeps only the first group (SwAV: 2x224
+    alone uses (0.08, 1) instead of the multi-crop (0.14, 1)).
+    """
+
+    name: str
+    groups: tuple[ViewGroup, ...]
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN
+    std: tuple[float, float, float] | None = IMAGENET_STD
+    masking: Masking | None = None
+    global_only_scale: tuple[float, float] | None = None
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise RecipeError(f"recipe {self.name}: needs at least one view group")
+        if (self.mean is None) != (self.std is None):
+            raise RecipeError(f"recipe {self.name}: give both mean and std, or neither")
+        if self.masking is not None:
+            if self.masking.views > self.groups[0].count:
+                raise RecipeError(
+                    f"recipe {self.name}: masking needs {self.masking.views} views in the first group, "
+                    f"it has {self.groups[0].count}"
+                )
+            self.masking.grid(self.groups[0].size)
+
+    @property
+    def num_views(self) -> int:
+        return sum(group.count for group in self.groups)
+
+    @property
+    def multicrop(self) -> str:
+        return format_multicrop(self.groups)
+
+    def with_multicrop(self, spec: str) -> Recipe:
+        """The same photometric recipe over the crops `spec` describes (see `parse_multicrop`).
+
+        Group i of the spec takes its photometric parameters from group i of this recipe (the last
+        group for extra groups); per-view entries are cycled when the count changes. A scale left
+        out in the spec comes from the same group of this recipe.
+        """
+        parsed = parse_multicrop(spec)
+        groups = []
+        for index, (count, size, scale) in enumerate(parsed):
+            template = self.groups[min(index, len(self.groups) - 1)]
+            if scale is None:
+                only_globals = len(parsed) == 1 and len(self.groups) > 1
+                scale = self.global_only_scale if only_globals and self.global_only_scale else template.scale
+            photometric = template.photometric
+            if len(photometric) > 1:
+                photometric = tuple(photometric[i % len(photometric)] for i in range(count))
+            groups.append(dataclasses.replace(template, count=count, size=size, scale=scale, photometric=photometric))
+        return dataclasses.replace(self, groups=tuple(groups))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """A few human-readable lines, printed at start-up."""
+        lines = [f"recipe {self.name}: {self.multicrop}"]
+        for group in self.groups:
+            lines.append(f"  {group.count}x{group.size} scale={group.scale} ratio=({group.ratio[0]:.3f}, "
+                         f"{group.ratio[1]:.3f}) interp={group.interpolation} flip_p={group.flip_p}")
+            for view in range(group.count if len(group.photometric) > 1 else 1):
+                label = f"view {view + 1}" if len(group.photometric) > 1 else "every view"
+                lines.append(f"    {label}: {_describe_photometric(group.view_photometric(view))}")
+        lines.append(f"  normalise: mean={self.mean} std={self.std}" if self.mean else "  normalise: none ([0, 1])")
+        if self.masking:
+            m = self.masking
+            lines.append(f"  masking: {m.kind} ratio={m.ratio} patch={m.patch_size} on {m.views} view(s)")
+        return "\n".join(lines)
+
+
+def _describe_photometric(p: Photometric) -> str:
+    if p.is_identity:
+        return "none"
+    parts = []
+    if p.jitter_p:
+        parts.append(f"jitter({p.brightness},{p.contrast},{p.saturation},{p.hue})@{p.jitter_p}")
+    if p.grayscale_p:
+        parts.append(f"gray@{p.grayscale_p}")
+    if p.blur_p:
+        parts.append(f"blur{p.blur_sigma}@{p.blur_p}")
+    if p.solarize_p:
+        parts.append(f"solarize@{p.solarize_p}")
+    return " ".join(parts)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+_GROUP = re.compile(r"^(\d+)x(\d+)(?:@(\d*\.?\d+)-(\d*\.?\d+))?$")
+MULTICROP_HELP = "expected COUNTxSIZE[@LOW-HIGH] joined by '+', e.g. 2x224+6x96 or 2x224@0.14-1+6x96@0.05-0.14"
+
+
+def parse_multicrop(spec: str) -> list[tuple[int, int, tuple[float, float] | None]]:
+    """Parse `2x224+6x96` or `2x224@0.14-1+6x96@0.05-0.14` into (count, size, scale or None) triples."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise RecipeError(f"--multicrop is empty: {MULTICROP_HELP}")
+    groups = []
+    for part in spec.replace(" ", "").split("+"):
+        match = _GROUP.match(part)
+        if not match:
+            raise RecipeError(f"--multicrop {spec!r}: cannot read {part!r}; {MULTICROP_HELP}")
+        count, size = int(match.group(1)), int(match.group(2))
+        if count < 1 or size < 1:
+            raise RecipeError(f"--multicrop {spec!r}: count and size in {part!r} must be positive")
+        scale = None
+        if match.group(3) is not None:
+            scale = (float(match.group(3)), float(match.group(4)))
+            if not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise RecipeError(f"--multicrop {spec!r}: scale in {part!r} must satisfy 0 < LOW <= HIGH <= 1")
+        groups.append((count, size, scale))
+    sizes = [size for _, size, _ in groups]
+    if len(set(sizes)) != len(sizes):
+        raise RecipeError(f"--multicrop {spec!r}: each crop size may appear once; merge groups of equal size")
+    return groups
+
+
+def format_multicrop(groups) -> str:
+    """The inverse of `parse_multicrop` for view groups (always with explicit scales)."""
+    return "+".join(group.spec for group in groups)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def _jitter(b, c, s, h, p=0.8, **extra) -> Photometric:
+    return Photometric(jitter_p=p, brightness=b, contrast=c, saturation=s, hue=h, grayscale_p=0.2, **extra)
+
+
+_BYOL_VIEWS = (  # BYOL-style asymmetry: view 1 always blurred, view 2 rarely blurred and sometimes solarized
+    _jitter(0.4, 0.4, 0.2, 0.1, blur_p=1.0),
+    _jitter(0.4, 0.4, 0.2, 0.1, blur_p=0.1, solarize_p=0.2),
+)
+_MOCO_V2_VIEW = _jitter(0.4, 0.4, 0.4, 0.1, blur_p=0.5)
+
+
+def _two_views(scale, photometric, interpolation) -> tuple[ViewGroup, ...]:
+    return (ViewGroup(2, 224, scale, tuple(photometric), interpolation=interpolation),)
+
+
+PRESETS: dict[str, Recipe] = {
+    "swav": Recipe(
+        "swav",
+        (
+            ViewGroup(2, 224, (0.14, 1.0), (_jitter(0.8, 0.8, 0.8, 0.2, blur_p=0.5),)),
+            ViewGroup(6, 96, (0.05, 0.14), (_jitter(0.8, 0.8, 0.8, 0.2, blur_p=0.5),)),
+        ),
+        std=SWAV_STD,
+        global_only_scale=(0.08, 1.0),
+    ),
+    "dino": Recipe(
+        "dino",
+        (
+            ViewGroup(2, 224, (0.4, 1.0), _BYOL_VIEWS, interpolation="bicubic"),
+            ViewGroup(8, 96, (0.05, 0.4), (_jitter(0.4, 0.4, 0.2, 0.1, blur_p=0.5),), interpolation="bicubic"),
+        ),
+    ),
+    "mocov2": Recipe("mocov2", _two_views((0.2, 1.0), [_MOCO_V2_VIEW], "bilinear")),
+    "mocov3": Recipe("mocov3", _two_views((0.2, 1.0), _BYOL_VIEWS, "bilinear"), notes="ViT: scale (0.08, 1)"),
+    "simclr": Recipe(
+        "simclr",
+        _two_views((0.08, 1.0), [_jitter(0.8, 0.8, 0.8, 0.2, blur_p=0.5)], "bicubic"),
+        mean=None,
+        std=None,
+    ),
+    "byol": Recipe("byol", _two_views((0.08, 1.0), _BYOL_VIEWS, "bicubic")),
+    "simsiam": Recipe("simsiam", _two_views((0.2, 1.0), [_MOCO_V2_VIEW], "bilinear")),
+    "barlowtwins": Recipe("barlowtwins", _two_views((0.08, 1.0), _BYOL_VIEWS, "bicubic")),
+    "vicreg": Recipe("vicreg", _two_views((0.08, 1.0), _BYOL_VIEWS, "bicubic")),
+    "mae": Recipe(
+        "mae",
+        (ViewGroup(1, 224, (0.2, 1.0), (NO_PHOTOMETRIC,), interpolation="bicubic"),),
+        masking=Masking("random", 0.75, patch_size=16),
+    ),
+    "sim": Recipe(
+        "sim",
+        _two_views((0.08, 1.0), _BYOL_VIEWS, "bicubic"),
+        masking=Masking("block", 118 / 196, patch_size=16),
+        notes="flip before crop: boxes are reported in original-image coordinates with the flip flag",
+    ),
+}
+
+
+def preset(method: str) -> Recipe:
+    try:
+        return PRESETS[method]
+    except KeyError:
+        raise RecipeError(f"no recipe preset for method {method!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,182 @@
+"""`InputStack`: shards in, `Batch`es of ready views on the training device out.
+
+One iterator over as many epochs as the caller wants (an epoch is `steps_per_epoch` whole batches per
+rank), with `state_dict()`/`load_state_dict()` for exact mid-epoch resume and a running total of the
+time the consumer waited for data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.dali_stage import DaliConfig, build_iterator
+from pipelines.masking import make_masks
+from pipelines.photometric import PhotometricStage
+from pipelines.shards import ShardError, ShardSet, open_shard_set
+from pipelines.spec import Recipe
+
+
+@dataclass
+class Batch:
+    """Views grouped by crop size; within a group, view-major: view v of sample i is row v * B + i.
+
+    `boxes` are crop boxes in original-image pixels (y0, x0, h, w) and `flips` whether the view was
+    mirrored horizontally after cropping; `image_sizes` holds each original (H, W). `masks` (or None)
+    covers the first `recipe.masking.views` views of group 0: (views * B, patches), True = hidden.
+    `labels` is -1 for unlabeled samples.
+    """
+
+    views: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    flips: list[torch.Tensor]
+    image_sizes: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+    raw_keys: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def counts(self) -> list[int]:
+        return [group.shape[0] // self.batch_size for group in self.views]
+
+    def view(self, group: int, index: int) -> torch.Tensor:
+        size = self.batch_size
+        return self.views[group][index * size : (index + 1) * size]
+
+    @property
+    def keys(self) -> list[str]:
+        """Sample keys (tar member names without extension), decoded on demand."""
+        keys = []
+        for row in self.raw_keys.numpy():
+            source = bytes(row).rstrip(b"\0").decode()
+            keys.append(source.rsplit(":", 1)[-1].split(".", 1)[0])
+        return keys
+
+
+class InputStack:
+    """Reads `data` with DALI (rank `rank` of `world_size`) and applies `recipe` on `device`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        data: str | Path | ShardSet,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        num_threads: int = 2,
+        prefetch: int = 2,
+        hw_decoder_load: float = 0.65,
+        need_labels: bool = False,
+    ):
+        self.recipe = recipe
+        self.shards = data if isinstance(data, ShardSet) else open_shard_set(data, need_labels=need_labels)
+        self.device = torch.device(device)
+        if batch_size < 1:
+            raise ShardError(f"--batch-size {batch_size} must be positive")
+        per_rank = self.shards.num_samples // world_size
+        if batch_size > per_rank:
+            raise ShardError(
+                f"--batch-size {batch_size} is larger than the {per_rank} samples each of {world_size} "
+                f"process(es) reads from {self.shards.root}: lower --batch-size or use more data"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.dali = DaliConfig(
+            batch_size=batch_size,
+            shard_id=rank,
+            num_shards=world_size,
+            seed=seed,
+            device_id=self._dali_device_id(),
+            num_threads=num_threads,
+            prefetch_queue_depth=prefetch,
+            hw_decoder_load=hw_decoder_load,
+        )
+        self.steps_per_epoch = per_rank // batch_size
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed((seed * 1_000_003 + rank * 104_729 + 99_991) % (2**63))
+        self.photometric = PhotometricStage(recipe, self.device, self.generator)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.wait_seconds = 0.0
+        self._iterator = build_iterator(recipe, self.shards, self.dali)
+
+    def _dali_device_id(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        started = time.perf_counter()
+        try:
+            outputs = next(self._iterator)[0]
+        except StopIteration:  # end of an epoch; the iterator has reset itself
+            self.epoch += 1
+            self.step_in_epoch = 0
+            outputs = next(self._iterator)[0]
+        batch = self._assemble(outputs)
+        self.step_in_epoch += 1
+        self.wait_seconds += time.perf_counter() - started
+        return batch
+
+    def _assemble(self, outputs: dict[str, torch.Tensor]) -> Batch:
+        device = self.device
+        views, boxes, flips = [], [], []
+        for group_index, group in enumerate(self.recipe.groups):
+            names = [f"{group_index}_{view}" for view in range(group.count)]
+            crops = torch.cat([outputs[f"view_{name}"] for name in names]).to(device, non_blocking=True)
+            views.append(self.photometric(crops, group_index))
+            boxes.append(torch.cat([outputs[f"box_{name}"] for name in names]).to(device))
+            flips.append(torch.cat([outputs[f"flip_{name}"] for name in names]).to(device).bool())
+        masks = None
+        if self.recipe.masking is not None:
+            size = self.recipe.groups[0].size
+            masks = make_masks(self.recipe.masking, self.batch_size, size, self.generator, device)
+        return Batch(
+            views=views,
+            boxes=boxes,
+            flips=flips,
+            image_sizes=outputs["image_size"].clone().to(device),
+            labels=outputs["label"].view(-1).long().to(device),
+            masks=masks,
+            raw_keys=outputs["key"].cpu().clone(),
+        )
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue with the identical next batch."""
+        return {
+            "dali": list(self._iterator.checkpoints()),
+            "generator": self.generator.get_state().cpu(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "multicrop": self.recipe.multicrop,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "num_shards": self.dali.num_shards,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = (self.recipe.multicrop, self.batch_size, self.rank, self.dali.num_shards)
+        found = (state["multicrop"], state["batch_size"], state["rank"], state["num_shards"])
+        if expected != found:
+            raise ShardError(
+                f"input-stack state was saved for (multicrop, batch size, rank, ranks) = {found}, "
+                f"this run has {expected}: resume with the same settings"
+            )
+        self._iterator = build_iterator(self.recipe, self.shards, self.dali, checkpoint=state["dali"][0])
+        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
