@@ -91,8 +91,19 @@ def _random_view(image, shape_hw, group):
     return crop, box, flip
 
 
-def build_pipeline(recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None):
-    """A DALI pipeline whose outputs follow `output_names(recipe)`."""
+STAGES = ("read", "decode", "crop")
+
+
+def build_pipeline(
+    recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None, upto: str = "crop"
+):
+    """A DALI pipeline whose outputs follow `output_names(recipe)`.
+
+    `upto` stops the graph early ("read": encoded bytes, "decode": full images) so the profiler can
+    time each stage on the same shards; training always uses the full "crop" graph.
+    """
+    if upto not in STAGES:
+        raise ValueError(f"upto={upto!r} is not one of {STAGES}")
     key_length = _key_length(shards)
 
     @pipeline_def(enable_checkpointing=True)
@@ -113,11 +124,14 @@ def build_pipeline(recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpo
             dont_use_mmap=True,
             name=READER_NAME,
         )
-        keys = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0, shape=[key_length])
-        shape = fn.peek_image_shape(jpegs)
-        shape_hw = shape[0:2]
+        if upto == "read":
+            return jpegs, labels
         decode_args = {"hw_decoder_load": config.hw_decoder_load} if config.decoder_device == "mixed" else {}
         images = fn.decoders.image(jpegs, device=config.decoder_device, output_type=types.RGB, **decode_args)
+        if upto == "decode":
+            return images, labels
+        keys = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0, shape=[key_length])
+        shape_hw = fn.peek_image_shape(jpegs)[0:2]
         outputs = [labels, keys, fn.cast(shape_hw, dtype=types.INT32)]
         for group in recipe.groups:
             for _ in range(group.count):
