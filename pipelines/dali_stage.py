@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dali_math
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.shards import ShardSet
@@ -38,6 +39,8 @@ class DaliConfig:
     prefetch_queue_depth: int = 2
     shuffle_buffer: int = 4096
     hw_decoder_load: float = 0.65
+    shuffle: bool = True
+    drop_last: bool = True  # False (evaluation): the last, partial batch of an epoch is kept
 
     @property
     def decoder_device(self) -> str:
@@ -65,17 +68,25 @@ def _key_length(shards: ShardSet) -> int:
     return max(len(str(path)) for path in shards.tars) + 1 + 20 + 1 + 256
 
 
-def _random_view(image, shape_hw, group):
-    """One random-resized crop + flip of `image`; returns (crop, box, flip)."""
+def _crop_box(shape_hw, group):
+    """(y0, x0, h, w) as float DALI nodes: random-resized, or the centred square for evaluation."""
+    if group.center_crop is not None:
+        shape = fn.cast(shape_hw, dtype=types.FLOAT)
+        side = dali_math.min(shape[0], shape[1]) * group.center_crop
+        return (shape[0] - side) * 0.5, (shape[1] - side) * 0.5, side, side
     anchor, size = fn.random_crop_generator(
         shape_hw, random_area=list(group.scale), random_aspect_ratio=list(group.ratio)
     )
     anchor = fn.cast(anchor, dtype=types.FLOAT)
     size = fn.cast(size, dtype=types.FLOAT)
+    return anchor[0], anchor[1], size[0], size[1]
+
+
+def _random_view(image, shape_hw, group):
+    """One random-resized crop + flip of `image`; returns (crop, box, flip)."""
+    y0, x0, h, w = _crop_box(shape_hw, group)
     flip = fn.random.coin_flip(probability=group.flip_p, dtype=types.UINT8)
     flip_f = fn.cast(flip, dtype=types.FLOAT)
-    y0, x0 = anchor[0], anchor[1]
-    h, w = size[0], size[1]
     start = fn.stack(y0, x0 + flip_f * w)
     end = fn.stack(y0 + h, x0 + w - flip_f * w)
     crop = fn.resize(
@@ -116,10 +127,10 @@ def build_pipeline(
             missing_component_behavior="error",
             shard_id=config.shard_id,
             num_shards=config.num_shards,
-            random_shuffle=True,
+            random_shuffle=config.shuffle,
             initial_fill=max(1, min(config.shuffle_buffer, shards.num_samples // config.num_shards)),
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=config.seed,
+            shuffle_after_epoch=config.shuffle,
+            **({"shuffle_after_epoch_seed": config.seed} if config.shuffle else {}),
             pad_last_batch=True,
             dont_use_mmap=True,
             name=READER_NAME,
@@ -151,12 +162,12 @@ def build_pipeline(
 
 
 def build_iterator(recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None):
-    """A DALIGenericIterator over whole batches only (the partial last batch of an epoch is dropped)."""
+    """A DALIGenericIterator; for training only whole batches (the partial last one is dropped)."""
     pipe = build_pipeline(recipe, shards, config, checkpoint)
     return DALIGenericIterator(
         [pipe],
         output_map=output_names(recipe),
         reader_name=READER_NAME,
-        last_batch_policy=LastBatchPolicy.DROP,
+        last_batch_policy=LastBatchPolicy.DROP if config.drop_last else LastBatchPolicy.PARTIAL,
         auto_reset=True,
     )

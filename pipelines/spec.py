@@ -76,6 +76,7 @@ class ViewGroup:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     interpolation: str = "bilinear"
     flip_p: float = 0.5
+    center_crop: float | None = None  # evaluation: the centred square of this fraction of the short side
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.size < 1:
@@ -87,6 +88,8 @@ class ViewGroup:
             raise RecipeError(f"view group {self.count}x{self.size}: ratio {self.ratio} must satisfy 0 < low <= high")
         if self.interpolation not in INTERPOLATIONS:
             raise RecipeError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if self.center_crop is not None and not 0.0 < self.center_crop <= 1.0:
+            raise RecipeError(f"view group {self.count}x{self.size}: center_crop {self.center_crop} must be in (0, 1]")
         if len(self.photometric) not in (1, self.count):
             raise RecipeError(
                 f"view group {self.count}x{self.size}: {len(self.photometric)} photometric entries, "
@@ -325,6 +328,18 @@ PRESETS: dict[str, Recipe] = {
         notes="flip before crop: boxes are reported in original-image coordinates with the flip flag",
     ),
 }
+
+
+def eval_recipe(recipe: Recipe, size: int | None = None, crop_fraction: float = 0.875) -> Recipe:
+    """One un-augmented view per image for feature extraction: the centred square of `crop_fraction`
+    of the short side (resize 256 / centre-crop 224 at ImageNet scale), resized to `size` (default:
+    the recipe's first crop size), normalised like training."""
+    first = recipe.groups[0]
+    group = ViewGroup(
+        1, size or first.size, (1.0, 1.0), (NO_PHOTOMETRIC,), ratio=(1.0, 1.0),
+        interpolation=first.interpolation, flip_p=0.0, center_crop=crop_fraction,
+    )
+    return dataclasses.replace(recipe, name=f"{recipe.name}-eval", groups=(group,), masking=None)
 
 
 def preset(method: str) -> Recipe:

@@ -7,6 +7,7 @@ time the consumer waited for data.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,11 @@ class Batch:
 
 
 class InputStack:
-    """Reads `data` with DALI (rank `rank` of `world_size`) and applies `recipe` on `device`."""
+    """Reads `data` with DALI (rank `rank` of `world_size`) and applies `recipe` on `device`.
+
+    `training=False` (feature extraction) reads in shard order without shuffling and keeps the last,
+    partial batch, so one epoch visits every sample exactly once.
+    """
 
     def __init__(
         self,
@@ -77,6 +82,7 @@ class InputStack:
         prefetch: int = 2,
         hw_decoder_load: float = 0.65,
         need_labels: bool = False,
+        training: bool = True,
     ):
         self.recipe = recipe
         self.shards = data if isinstance(data, ShardSet) else open_shard_set(data, need_labels=need_labels)
@@ -84,7 +90,7 @@ class InputStack:
         if batch_size < 1:
             raise ShardError(f"--batch-size {batch_size} must be positive")
         per_rank = self.shards.num_samples // world_size
-        if batch_size > per_rank:
+        if training and batch_size > per_rank:
             raise ShardError(
                 f"--batch-size {batch_size} is larger than the {per_rank} samples each of {world_size} "
                 f"process(es) reads from {self.shards.root}: lower --batch-size or use more data"
@@ -101,8 +107,14 @@ class InputStack:
             num_threads=num_threads,
             prefetch_queue_depth=prefetch,
             hw_decoder_load=hw_decoder_load,
+            shuffle=training,
+            drop_last=training,
         )
-        self.steps_per_epoch = per_rank // batch_size
+        # training drops the partial last batch; evaluation keeps it (and reads every sample once)
+        if training:
+            self.steps_per_epoch = per_rank // batch_size
+        else:
+            self.steps_per_epoch = math.ceil(math.ceil(self.shards.num_samples / world_size) / batch_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed * 1_000_003 + rank * 104_729 + 99_991) % (2**63))
         self.photometric = PhotometricStage(recipe, self.device, self.generator)
