@@ -1,0 +1,216 @@
+"""The run directory: config, metrics, atomic checkpoints with exact resume, and the exported backbone.
+
+    runs/<name>/config.yaml              every resolved option, the recipe, package versions
+    runs/<name>/metrics.jsonl            one JSON record per log step (TensorBoard events beside it)
+    runs/<name>/checkpoints/step-XXXXXXXX/   Accelerate state + input-stack state per rank + meta.json
+    runs/<name>/backbone.safetensors     the backbone's weights (timm names) + backbone.json
+
+A checkpoint is written into a temporary directory and renamed when every rank has finished, so a
+crash or a full disk never leaves a half-written checkpoint in place of the last good one.
+Everything is loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message is one line naming the path and the fix."""
+
+
+def _stack_file(rank: int) -> str:
+    return f"input_stack_rank{rank}.pt"
+
+
+def package_versions() -> dict[str, str]:
+    names = ["torch", "nvidia-dali-cuda120", "kornia", "timm", "accelerate", "webdataset"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def list_checkpoints(run_root: Path) -> list[Path]:
+    folder = run_root / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def config_differences(saved: dict, current: dict, ignore) -> list[str]:
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+class MetricsLogger:
+    """Appends records to metrics.jsonl and TensorBoard (main process only)."""
+
+    def __init__(self, root: Path, enabled: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = root / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(root / "tensorboard"), purge_step=resume_step)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class RunCheckpoints:
+    def __init__(self, root: Path, keep: int, ignore_on_resume):
+        self.root = root
+        self.keep = keep
+        self.ignore_on_resume = ignore_on_resume
+        self.checkpoint_dir = root / CHECKPOINTS
+        self.resumed_step: int | None = None
+
+    @classmethod
+    def for_run(cls, config, accelerator) -> RunCheckpoints:
+        """The run directory: the resumed run's, or output_dir/name (a timestamped name by default)."""
+        from accelerate.utils import broadcast_object_list
+
+        if config.resume and config.resume != "auto":
+            found = _checkpoint_path(Path(config.resume))
+            root = found.parent.parent
+        else:
+            name = config.name
+            if name is None and config.resume == "auto":
+                name = _latest_run_name(Path(config.output_dir), config.method)
+            if name is None:
+                name = [f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+                broadcast_object_list(name)  # every rank writes into the main process's directory
+                name = name[0]
+            root = Path(config.output_dir) / name
+        if accelerator.is_main_process:
+            (root / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        return cls(root, config.keep_checkpoints, type(config).RESUMABLE_DIFFERENCES)
+
+    def write_config(self, config, recipe) -> None:
+        document = {"config": dataclasses.asdict(config), "recipe": recipe.to_dict(),
+                    "recipe_text": recipe.describe(), "versions": package_versions()}
+        _atomic_write_text(self.root / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+
+    def logger(self, accelerator) -> MetricsLogger:
+        return MetricsLogger(self.root, accelerator.is_main_process, self.resumed_step)
+
+    def save(self, step: int, config, accelerator, stack) -> Path:
+        final = self.checkpoint_dir / f"{PREFIX}{step:08d}"
+        temporary = self.checkpoint_dir / f".tmp-{PREFIX}{step:08d}"
+        try:
+            if accelerator.is_main_process and temporary.exists():
+                shutil.rmtree(temporary)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(output_dir=str(temporary))
+            torch.save(stack.state_dict(), temporary / _stack_file(accelerator.process_index))
+            if accelerator.is_main_process:
+                meta = {"step": step, "num_processes": accelerator.num_processes,
+                        "config": dataclasses.asdict(config)}
+                (temporary / "meta.json").write_text(json.dumps(meta, indent=2))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(temporary, final)
+                for old in list_checkpoints(self.root)[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise CheckpointError(
+                f"cannot write checkpoint {final} ({error.strerror or error}); the previous checkpoint is kept: "
+                f"free space in {self.checkpoint_dir} or lower --keep-checkpoints"
+            ) from None
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, spec: str, config, accelerator, stack) -> int:
+        """Load the checkpoint `spec` names ("auto": this run's latest); returns the step to continue from."""
+        if spec == "auto":
+            found = list_checkpoints(self.root)
+            if not found:
+                accelerator.print(f"--resume auto: no checkpoint in {self.checkpoint_dir}, starting fresh")
+                return 0
+            path = found[-1]
+        else:
+            path = _checkpoint_path(Path(spec))
+        meta = json.loads((path / "meta.json").read_text())
+        differences = config_differences(meta["config"], dataclasses.asdict(config), self.ignore_on_resume)
+        if meta["num_processes"] != accelerator.num_processes:
+            differences.append(f"processes: {meta['num_processes']} -> {accelerator.num_processes}")
+        if differences:
+            raise CheckpointError(f"--resume {path}: the run was started with other options ({'; '.join(differences)})"
+                                  ": resume with the same options or start a new run")
+        accelerator.load_state(str(path))
+        state = torch.load(path / _stack_file(accelerator.process_index), weights_only=True)
+        stack.load_state_dict(state)
+        self.resumed_step = meta["step"]
+        accelerator.print(f"resumed from {path} at step {meta['step']}")
+        return meta["step"]
+
+    def export_backbone(self, backbone: torch.nn.Module, config) -> Path:
+        from safetensors.torch import save_file
+
+        path = self.root / "backbone.safetensors"
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
+        temporary = path.with_suffix(".tmp")
+        save_file(state, str(temporary))
+        os.replace(temporary, path)
+        info = {"timm_name": config.backbone, "method": config.method, "file": path.name,
+                "small_image_stem": bool(getattr(backbone, "small_image_stem", False))}
+        _atomic_write_text(self.root / "backbone.json", json.dumps(info, indent=2))
+        return path
+
+
+def _checkpoint_path(path: Path) -> Path:
+    """A step directory, or a run directory (its latest checkpoint)."""
+    if (path / "meta.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise CheckpointError(f"--resume {path}: not a checkpoint or a run directory with checkpoints")
+
+
+def _latest_run_name(output_dir: Path, method: str) -> str | None:
+    runs = [p for p in output_dir.glob(f"{method}-*") if list_checkpoints(p)] if output_dir.is_dir() else []
+    return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime).name if runs else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,114 @@
+"""The contract between the training loop and a method (a backbone plus a head and a loss).
+
+The loop, per iteration:
+
+    loss, metrics = method(batch, progress)      # forward == training_step, under autocast
+    backward(loss)
+    method.before_optimizer_step(progress)       # gradients exist: drop or edit some (frozen parts)
+    [grad clipping] optimizer.step(); optimizer.zero_grad()
+    method.after_step(progress)                  # weights updated: EMA teachers, centres, queues...
+
+`batch` is duck-typed: `.views` (one tensor per crop-size group, (count * B, 3, S, S), view-major:
+view v of sample i is row v * B + i), `.batch_size` (B, per process) and `.counts`.
+Methods never import the input stack: a method names its recipe preset (`recipe_preset`) and the
+caller looks it up (`default_recipe(pipelines.spec.preset)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.backbones import create_backbone
+from models.optim import param_groups
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # optimizer steps done before this one (0-based)
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    recipe_preset: ClassVar[str]
+
+    # Training defaults; on a GPU the paper's, `cpu_overrides` replaces some for CPU runs.
+    optimizer: ClassVar[str] = "sgd"
+    base_lr: ClassVar[float] = 0.05  # at global batch 256, see lr_scaling
+    weight_decay: ClassVar[float] = 1e-4
+    warmup_epochs: ClassVar[float] = 0.0
+    epochs: ClassVar[int] = 100
+    batch_size: ClassVar[int] = 64  # per process
+    multicrop: ClassVar[str] = "2x224"
+    grad_clip: ClassVar[float | None] = None
+    final_lr_fraction: ClassVar[float] = 0.0  # the cosine schedule ends at lr * this
+    warmup_start_fraction: ClassVar[float] = 0.0  # the warmup starts at lr * this
+    cpu_overrides: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, backbone: str | nn.Module, *, small_images: bool = False,
+                 feature_dim: int | None = None, backbone_kwargs: dict | None = None):
+        """`backbone` is a timm name or a module returning pooled features (then give `feature_dim`)."""
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone, feature_dim = create_backbone(backbone, small_images=small_images,
+                                                    **(backbone_kwargs or {}))
+        elif feature_dim is None:
+            feature_dim = backbone.num_features
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    @classmethod
+    def defaults(cls, on_gpu: bool) -> dict[str, Any]:
+        names = ("optimizer", "weight_decay", "warmup_epochs", "epochs", "batch_size", "multicrop",
+                 "grad_clip")
+        values = {name: getattr(cls, name) for name in names}
+        values["lr"] = cls.base_lr
+        if not on_gpu:
+            values.update(cls.cpu_overrides)
+        return values
+
+    @classmethod
+    def default_recipe(cls, presets: Callable[[str], Any]) -> Any:
+        return presets(cls.recipe_preset)
+
+    @classmethod
+    def check_recipe(cls, recipe, batch_size: int) -> None:
+        """Raise ValueError (one line) if the method cannot train on this recipe and per-process batch."""
+
+    def forward(self, batch, progress: Progress):
+        return self.training_step(batch, progress)
+
+    def training_step(self, batch, progress: Progress) -> tuple[torch.Tensor, dict]:
+        """(loss, metrics): metrics map names to floats or 0-d tensors (the loop converts when it logs)."""
+        raise NotImplementedError
+
+    def forward_groups(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Backbone features per crop-size group: one forward per group, never one per crop."""
+        return [self.backbone(group) for group in views]
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        pass
+
+    def after_step(self, progress: Progress) -> None:
+        pass
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return param_groups(self, weight_decay)
+
+    def lr_scaling(self, global_batch: int) -> float:
+        return global_batch / 256
+
+    def weight_decay_schedule(self, weight_decay: float, total_steps: int) -> np.ndarray | None:
+        """Per-iteration weight decay, or None for a constant one."""
+        return None

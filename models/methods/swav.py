@@ -1,0 +1,173 @@
+"""SwAV (Caron et al. 2020), as the official code (facebookresearch/swav@06b1b7c) trains it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.backbones import default_backbone
+from models.heads import SwAVHead, SwAVPrototypes
+from models.losses import swapped_prediction_loss, swav_codes, world_size
+from models.methods.base import Method, Progress
+from models.optim import param_groups
+
+
+class SwAV(Method):
+    """Backbone -> SwAVHead (L2-normalised embeddings) -> bias-free prototypes -> swapped prediction.
+
+    Codes come from the first `n_assign` crops (the two largest), by Sinkhorn over all ranks.
+    Optional queue of past embeddings of those crops (upstream: 3840 from epoch 15 at B = 256,
+    none at B = 4096). Prototype gradients are dropped for the first `freeze_prototypes_steps`
+    iterations (default: one epoch).
+    """
+
+    name = "swav"
+    recipe_preset = "swav"
+
+    optimizer = "lars"
+    base_lr = 0.3  # x global batch / 256: 4.8 at the paper's B = 4096 (its B = 256 run used 0.6)
+    weight_decay = 1e-6
+    warmup_epochs = 10.0
+    epochs = 800
+    batch_size = 64  # per GPU, as upstream (64 GPUs x 64 = 4096)
+    multicrop = "2x224+6x96"
+    final_lr_fraction = 0.001  # 4.8 -> 0.0048 and 0.6 -> 0.0006 upstream
+    warmup_start_fraction = 1 / 16  # 0.3 -> 4.8 upstream
+    cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 20, "warmup_epochs": 0.0}
+
+    HEAD_PRESETS = {
+        "paper": dict(hidden_dim=2048, out_dim=128, n_prototypes=3000),
+        "small": dict(hidden_dim=512, out_dim=128, n_prototypes=512),
+    }
+
+    def __init__(
+        self,
+        backbone: str | nn.Module | None = None,
+        *,
+        small_images: bool = False,
+        on_gpu: bool = True,
+        head_preset: str | None = None,
+        hidden_dim: int | None = None,
+        out_dim: int | None = None,
+        n_prototypes: int | None = None,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        n_assign: int = 2,
+        queue_length: int = 0,
+        queue_start_epoch: int = 15,
+        freeze_prototypes_steps: int | None = None,
+        feature_dim: int | None = None,
+        backbone_kwargs: dict | None = None,
+    ):
+        """`head_preset` "paper" (2048 / 128 / 3000 prototypes) or "small" (512 / 128 / 512);
+        None picks "paper" when `on_gpu`. Explicit dims override the preset."""
+        super().__init__(backbone or default_backbone("cuda" if on_gpu else "cpu"), small_images=small_images,
+                         feature_dim=feature_dim, backbone_kwargs=backbone_kwargs)
+        head_preset = head_preset or ("paper" if on_gpu else "small")
+        if head_preset not in self.HEAD_PRESETS:
+            known = ", ".join(self.HEAD_PRESETS)
+            raise ValueError(f"unknown swav head_preset {head_preset!r}; known: {known}")
+        sizes = self.HEAD_PRESETS[head_preset]
+        out_dim = out_dim or sizes["out_dim"]
+        self.head = SwAVHead(self.feature_dim, hidden_dim or sizes["hidden_dim"], out_dim)
+        self.prototypes = SwAVPrototypes(out_dim, n_prototypes or sizes["n_prototypes"])
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.n_assign = n_assign
+        self.queue_length = queue_length
+        self.queue_start_epoch = queue_start_epoch
+        self.freeze_prototypes_steps = freeze_prototypes_steps
+        # (n_assign, Q / world, D) once the global batch is known; buffers so that they are checkpointed
+        self.register_buffer("queue", torch.zeros(n_assign, 0, out_dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        # each rank keeps its own queue: DDP must not broadcast rank 0's over the others
+        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_filled"]
+
+    @classmethod
+    def check_recipe(cls, recipe, batch_size: int) -> None:
+        first = recipe.groups[0].count
+        if first < 2:
+            raise ValueError(f"swav computes codes from 2 crops of the first view group; "
+                             f"'{recipe.multicrop}' has {first}: use e.g. 2x224+6x96")
+
+    def training_step(self, batch, progress: Progress):
+        self.prototypes.normalize_()
+        batch_size = batch.batch_size
+        if batch.counts[0] < self.n_assign:
+            raise ValueError(f"swav needs {self.n_assign} crops in the first view group, "
+                             f"got {batch.counts[0]}")
+        # the head sees all crops at once (one set of BN statistics, as upstream)
+        embeddings = self.head(torch.cat(self.forward_groups(batch.views)))
+        scores = self.prototypes(embeddings)
+        # crop c is rows c*B..(c+1)*B: groups in order, view-major within a group
+        crop_scores = list(scores.split(batch_size))
+
+        queue_scores = self._queue_scores(batch_size, progress)
+        codes = swav_codes(crop_scores, self.n_assign, self.epsilon, self.sinkhorn_iterations, queue_scores)
+        loss = swapped_prediction_loss(crop_scores, codes, self.temperature)
+        if self.queue.shape[1]:
+            self._enqueue(embeddings[: self.n_assign * batch_size].detach(), batch_size)
+        return loss, self._metrics(loss, codes, queue_scores is not None)
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        frozen = self.freeze_prototypes_steps
+        if progress.step < (progress.steps_per_epoch if frozen is None else frozen):
+            # None, not zero (as upstream): the optimiser then skips them, weight decay and momentum too
+            for parameter in self.prototypes.parameters():
+                parameter.grad = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        # upstream applies LARC and weight decay to every parameter, biases and BN included
+        return param_groups(self, weight_decay, exclude_bias_and_norm=False)
+
+    def _queue_scores(self, batch_size: int, progress: Progress) -> list[torch.Tensor] | None:
+        """Scores of the queued embeddings under the current prototypes, once the queue is full."""
+        if self.queue_length <= 0 or progress.epoch < self.queue_start_epoch:
+            return None
+        self._allocate_queue(batch_size)
+        if int(self.queue_filled) < self.queue.shape[1]:
+            return None
+        with torch.no_grad():
+            return [self.prototypes(self.queue[i]) for i in range(self.n_assign)]
+
+    def _allocate_queue(self, batch_size: int) -> None:
+        world = world_size()
+        global_batch = batch_size * world
+        length = self.queue_length - self.queue_length % global_batch
+        if length == 0:
+            raise ValueError(f"swav queue_length {self.queue_length} is shorter than the global batch "
+                             f"{global_batch}")
+        if self.queue.shape[1] != length // world:
+            self.queue = self.queue.new_zeros(self.n_assign, length // world, self.queue.shape[2])
+            self.queue_filled.zero_()
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: torch.Tensor, batch_size: int) -> None:
+        """FIFO: the newest batch goes in front, the oldest falls off the end."""
+        capacity = self.queue.shape[1]
+        self.queue[:, batch_size:] = self.queue[:, : capacity - batch_size].clone()
+        self.queue[:, :batch_size] = embeddings.view(self.n_assign, batch_size, -1)
+        self.queue_filled.add_(batch_size).clamp_(max=capacity)
+
+    @torch.no_grad()
+    def _metrics(self, loss: torch.Tensor, codes: list[torch.Tensor], queue_in_use: bool) -> dict:
+        q = torch.cat(codes)
+        n_prototypes = q.shape[1]
+        used = torch.zeros(n_prototypes, dtype=torch.bool, device=q.device)
+        used[q.argmax(dim=1)] = True
+        return {
+            "loss": loss.detach(),
+            # collapse shows as loss stuck at ln(K) with uniform codes: entropy -> ln(K), few prototypes used
+            "code_entropy": -(q * q.clamp_min(1e-12).log()).sum(dim=1).mean(),
+            "prototype_usage": used.float().mean(),
+            "queue_in_use": float(queue_in_use),
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the queue's length depends on the global batch, so adopt the checkpoint's shape
+        stored = state_dict.get(prefix + "queue")
+        if stored is not None and stored.shape != self.queue.shape:
+            self.queue = self.queue.new_zeros(stored.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
