@@ -1,0 +1,104 @@
+"""Draw the views (and masks) a recipe produces for a few samples, as a PNG grid.
+
+    python tools/show_views.py --method swav --multicrop 2x224+6x96 --out views.png
+
+One row per sample, one column per view (grouped by crop size, in batch order); masked patches of
+masked-image recipes are shaded. Views are shown after the full photometric recipe, un-normalised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.shards import DEMO_TRAIN, ShardError  # noqa: E402
+from pipelines.spec import RecipeError, preset  # noqa: E402
+from pipelines.stack import Batch, InputStack  # noqa: E402
+
+
+def displayable(views: torch.Tensor, mean, std) -> torch.Tensor:
+    """(N, 3, H, W) normalised views back to [0, 1] images (N, H, W, 3)."""
+    if mean is not None:
+        views = views * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return views.clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def shade_masked(images: torch.Tensor, masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """Darken and tint the masked patches of (N, H, W, 3) images; masks are (N, patches)."""
+    grid = images.shape[1] // patch
+    pixel_mask = masks.view(-1, grid, grid).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+    tint = torch.tensor([0.1, 0.1, 0.45])
+    shaded = images.clone()
+    shaded[pixel_mask] = 0.35 * shaded[pixel_mask] + tint
+    return shaded
+
+
+def draw(batch: Batch, recipe, samples: int, out: Path) -> None:
+    columns = []  # (title, images (B, H, W, 3))
+    for group_index, group in enumerate(recipe.groups):
+        for view in range(group.count):
+            images = displayable(batch.view(group_index, view).float().cpu(), recipe.mean, recipe.std)
+            masking = recipe.masking
+            if masking is not None and group_index == 0 and view < masking.views:
+                view_masks = batch.masks[view * batch.batch_size : (view + 1) * batch.batch_size].cpu()
+                images = shade_masked(images, view_masks, masking.patch_size)
+            columns.append((f"{group.size}px #{view + 1}", images))
+    figure, axes = plt.subplots(
+        samples, len(columns), figsize=(1.6 * len(columns), 1.6 * samples), squeeze=False
+    )
+    keys = batch.keys
+    for row in range(samples):
+        for column, (title, images) in enumerate(columns):
+            axis = axes[row][column]
+            axis.imshow(images[row].numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(title, fontsize=8)
+            if column == 0:
+                axis.set_ylabel(keys[row], fontsize=7)
+    figure.suptitle(f"{recipe.name} {recipe.multicrop}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="swav", help="recipe preset (default: %(default)s)")
+    parser.add_argument("--multicrop", default=None, help="override the crops, e.g. 2x224+6x96")
+    parser.add_argument("--data", default=str(DEMO_TRAIN), help="shard directory (default: the demo shards)")
+    parser.add_argument("--samples", type=int, default=4, help="rows to draw (default: %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=None, help="mask patch size for mae/sim recipes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="views.png", help="PNG to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        recipe = preset(args.method)
+        if args.patch_size and recipe.masking is not None:
+            recipe = dataclasses.replace(recipe, masking=dataclasses.replace(recipe.masking, patch_size=args.patch_size))
+        if args.multicrop:
+            recipe = recipe.with_multicrop(args.multicrop)
+        stack = InputStack(recipe, args.data, batch_size=args.samples, seed=args.seed)
+        batch = next(stack)
+    except (RecipeError, ShardError) as error:
+        print(f"show_views: error: {error}", file=sys.stderr)
+        return 2
+    print(recipe.describe())
+    draw(batch, recipe, args.samples, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
