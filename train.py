@@ -1,0 +1,329 @@
+"""Self-supervised pretraining: config -> Accelerator -> InputStack -> Method -> loop.
+
+    accelerate launch train.py --method swav --multicrop 2x224+6x96 --data shards/my-set
+    python train.py --method swav            # CPU: a small backbone on small crops of the demo shards
+
+Every option lives in `Config`; the command line is generated from it (`--help` lists each with its
+default) and `--config run.yaml` loads a file (command-line flags win). The loop reads top to bottom:
+per-iteration LR (and weight-decay) schedules are explicit arrays, the method does the maths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from models.checkpointing import CheckpointError, RunCheckpoints
+from models.knn import knn_accuracy
+from models.methods import create_method, method_class
+from models.methods.base import Progress
+from models.optim import build_optimizer, cosine_schedule
+from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set
+from pipelines.spec import RecipeError, eval_recipe, preset
+from pipelines.stack import InputStack
+
+SMALL_IMAGE_CROPS = 64  # crops at most this large use the small-image backbone stem
+
+
+@dataclass
+class Config:
+    method: str = "swav"
+    multicrop: str | None = None  # None: the method's recipe (paper crops on a GPU, small crops on CPU)
+    data: str = str(DEMO_TRAIN)
+    val_data: str | None = str(DEMO_VAL)  # labeled shards for the kNN monitor; "" disables it
+    backbone: str | None = None  # any timm name; None: resnet50 on a GPU, resnet18 on CPU
+    small_image_stem: bool | None = None  # ResNet 3x3 stride-1 stem, no max-pool; None: when crops <= 64 px
+    batch_size: int | None = None  # per process; None: the method's default for the device
+    epochs: int | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    lr: float | None = None  # base LR, scaled by the method's rule (e.g. x global batch / 256)
+    optimizer: str | None = None  # lars | sgd | adamw
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None  # run directory name; None: <method>-<timestamp>
+    resume: str | None = None  # a checkpoint directory, a run directory, or "auto" (latest of --name)
+    compile: bool = False
+    channels_last: bool = False
+    eval_every: int = 1  # epochs between kNN evaluations (and always at the end); 0: only at the end
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (and always at the end)
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    data_threads: int | None = None  # DALI CPU threads; None: the cores available per process
+    config: str | None = None  # a YAML file of these options
+
+    # options that may differ on resume without changing the run
+    RESUMABLE_DIFFERENCES = ("resume", "config", "max_steps", "epochs", "eval_every", "checkpoint_every",
+                             "keep_checkpoints", "log_every", "data_threads", "compile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
+    )
+    for option in fields(Config):
+        flag = "--" + option.name.replace("_", "-")
+        default = option.default
+        kind = {"int": int, "float": float, "bool": bool}.get(str(option.type).split(" | ")[0], str)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, type=kind, help=f"(default: {default})")
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    given = vars(build_parser().parse_args(argv))
+    values = {}
+    if given.get("config"):
+        path = Path(given["config"])
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(Config)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(given)
+    return Config(**values)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Config, object, type]:
+    """Fill the device- and method-dependent defaults; returns (config, recipe, method class)."""
+    cls = method_class(config.method)
+    on_gpu = device.type == "cuda"
+    defaults = cls.defaults(on_gpu)
+    resolved = dataclasses.replace(
+        config,
+        multicrop=config.multicrop or defaults["multicrop"],
+        backbone=config.backbone or ("resnet50" if on_gpu else "resnet18"),
+        batch_size=config.batch_size or defaults["batch_size"],
+        epochs=config.epochs or defaults["epochs"],
+        lr=config.lr if config.lr is not None else defaults["lr"],
+        optimizer=config.optimizer or defaults["optimizer"],
+        warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else defaults["warmup_epochs"],
+        weight_decay=config.weight_decay if config.weight_decay is not None else defaults["weight_decay"],
+        grad_clip=config.grad_clip if config.grad_clip is not None else defaults.get("grad_clip"),
+        data_threads=config.data_threads or max(1, (os.cpu_count() or 2) // world_size),
+    )
+    recipe = preset(cls.recipe_preset).with_multicrop(resolved.multicrop)
+    cls.check_recipe(recipe, resolved.batch_size)
+    return resolved, recipe, cls
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_config(argv)
+    except (ConfigError, TypeError) as error:
+        return fail(str(error))
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    try:
+        config, recipe, cls = resolve(config, accelerator.device, world)
+        set_seed(config.seed)
+        train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
+                                 seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
+        val_shards = open_shard_set(config.val_data, need_labels=True) if config.val_data else None
+        train_labels = open_shard_set(config.data, need_labels=True) if val_shards else None
+        if val_shards and train_labels.classes != val_shards.classes:
+            raise ShardError(f"--val-data {config.val_data} has other classes than --data {config.data}")
+        small_images = config.small_image_stem
+        if small_images is None:
+            small_images = recipe.groups[0].size <= SMALL_IMAGE_CROPS
+        method = create_method(config.method, backbone=config.backbone, small_images=small_images,
+                               on_gpu=accelerator.device.type == "cuda")
+    except (ConfigError, RecipeError, ShardError, ValueError) as error:
+        return fail(str(error))
+
+    global_batch = config.batch_size * world
+    steps_per_epoch = train_stack.steps_per_epoch
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+    lr = config.lr * method.lr_scaling(global_batch)
+    lr_schedule = cosine_schedule(lr, lr * method.final_lr_fraction, total_steps,
+                                  warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                                  warmup_start=lr * method.warmup_start_fraction)
+    wd_schedule = method.weight_decay_schedule(config.weight_decay, total_steps)
+    if config.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optimizer, method.param_groups(config.weight_decay), lr=lr)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    model = accelerator.unwrap_model(method)
+    if config.compile:
+        model.backbone = torch.compile(model.backbone)
+
+    run = RunCheckpoints.for_run(config, accelerator)
+    start_step = 0
+    if config.resume:
+        try:
+            start_step = run.resume(config.resume, config, accelerator, train_stack)
+        except CheckpointError as error:
+            return fail(str(error))
+    if accelerator.is_main_process:
+        run.write_config(config, recipe)
+        accelerator.print(recipe.describe())
+        accelerator.print(f"{config.method} | {config.backbone} | {world} process(es) x batch {config.batch_size} "
+                          f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
+    logger = run.logger(accelerator)
+    stop_requested = install_stop_handlers()
+
+    progress_bar = make_progress_bar(accelerator, total_steps, start_step)
+    step = start_step
+    loss_value = float("nan")
+    window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
+    epoch_losses = []
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        progress = Progress(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_schedule[step] * group.get("lr_multiplier", 1.0)
+            if wd_schedule is not None and group.get("weight_decay", 0) > 0:
+                group["weight_decay"] = wd_schedule[step]
+        batch = next(train_stack)
+        if config.channels_last:
+            batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+
+        with accelerator.autocast():
+            loss, metrics = method(batch, progress)
+        if not torch.isfinite(loss.detach()).all():
+            return fail(f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
+                        f"in {run.checkpoint_dir} is kept: lower --lr or check the data")
+        accelerator.backward(loss)
+        model.before_optimizer_step(progress)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(method.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.after_step(progress)
+        step += 1
+
+        loss_value = loss.item()
+        epoch_losses.append(loss_value)
+        window_images += config.batch_size * world
+        if step % config.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_started
+            waited = (train_stack.wait_seconds - window_wait) / max(elapsed, 1e-9)
+            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_schedule[step - 1],
+                      "images_per_second": window_images / max(elapsed, 1e-9), "data_wait": waited}
+            record.update({k: float(v) for k, v in metrics.items() if k != "loss"})
+            logger.log(record)
+            progress_bar.update(step, record)
+            window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
+
+        epoch_done = step % steps_per_epoch == 0
+        finished = step == total_steps
+        if epoch_done or finished:
+            summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses)}
+            epoch_losses = []
+            evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
+            if val_shards and evaluate_now:
+                summary["knn_top1"] = knn_monitor(model.backbone, recipe, config, accelerator)
+                logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
+            accelerator.print(format_epoch_summary(summary, total_epochs))
+        if step % config.checkpoint_every == 0 or finished or stop_requested():
+            run.save(step, config, accelerator, train_stack)
+        if stop_requested() and not finished:
+            accelerator.print(f"stop requested: checkpoint written at step {step}; resume with --resume auto")
+            break
+    progress_bar.close()
+    if step == total_steps and accelerator.is_main_process:
+        path = run.export_backbone(model.backbone, config)
+        accelerator.print(f"backbone written to {path}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+@torch.no_grad()
+def extract_features(backbone, recipe, data, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    stack = InputStack(eval_recipe(recipe), data, batch_size, device=device, training=False, need_labels=True)
+    features, labels = [], []
+    for _ in range(stack.steps_per_epoch):
+        batch = next(stack)
+        features.append(backbone(batch.views[0]).float())
+        labels.append(batch.labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_monitor(backbone, recipe, config: Config, accelerator) -> float | None:
+    """Weighted kNN (k=20, T=0.07) top-1 on --val-data with --data as the memory bank (main process)."""
+    accuracy = None
+    if accelerator.is_main_process:
+        was_training = backbone.training
+        backbone.eval()
+        batch_size = max(config.batch_size, 256)
+        train_features, train_labels = extract_features(backbone, recipe, config.data, batch_size, accelerator.device)
+        val_features, val_labels = extract_features(backbone, recipe, config.val_data, batch_size, accelerator.device)
+        classes = open_shard_set(config.data).classes
+        accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes=len(classes))
+        backbone.train(was_training)
+    accelerator.wait_for_everyone()
+    return accuracy
+
+
+def format_epoch_summary(summary: dict, total_epochs: int) -> str:
+    text = f"epoch {summary['epoch'] + 1}/{total_epochs}: mean loss {summary['mean_loss']:.4f}"
+    if summary.get("knn_top1") is not None:
+        text += f" | kNN top-1 {summary['knn_top1']:.2f}%"
+    return text
+
+
+def install_stop_handlers():
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and exit cleanly."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        requested["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return lambda: requested["stop"]
+
+
+class make_progress_bar:
+    """A tqdm bar on the main process showing images/s, loss, LR and the data-wait fraction."""
+
+    def __init__(self, accelerator, total: int, start: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process, dynamic_ncols=True,
+                        unit="step", file=sys.stderr, mininterval=1.0)
+
+    def update(self, step: int, record: dict) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                             img_s=f"{record['images_per_second']:.0f}", wait=f"{record['data_wait']:.0%}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def fail(message: str) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
