@@ -44,6 +44,7 @@ class Config:
     val_data: str | None = str(DEMO_VAL)  # labeled shards for the kNN monitor; "" disables it
     backbone: str | None = None  # any timm name; None: resnet50 on a GPU, resnet18 on CPU
     small_image_stem: bool | None = None  # ResNet 3x3 stride-1 stem, no max-pool; None: when crops <= 64 px
+    method_options: str | None = None  # method keyword arguments, e.g. "queue_length=3840,queue_start_epoch=15"
     batch_size: int | None = None  # per process; None: the method's default for the device
     epochs: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
@@ -106,6 +107,21 @@ class ConfigError(ValueError):
     pass
 
 
+def parse_method_options(text: str | dict | None) -> dict:
+    """`key=value,key=value` (values read as YAML scalars) or a mapping from a --config file."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    options = {}
+    for item in text.split(","):
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"--method-options {text!r}: expected key=value pairs joined by ','")
+        options[key.strip()] = yaml.safe_load(value.strip())
+    return options
+
+
 def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Config, object, type]:
     """Fill the device- and method-dependent defaults; returns (config, recipe, method class)."""
     cls = method_class(config.method)
@@ -144,15 +160,15 @@ def main(argv=None) -> int:
         set_seed(config.seed)
         train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
                                  seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
-        val_shards = open_shard_set(config.val_data, need_labels=True) if config.val_data else None
-        train_labels = open_shard_set(config.data, need_labels=True) if val_shards else None
-        if val_shards and train_labels.classes != val_shards.classes:
-            raise ShardError(f"--val-data {config.val_data} has other classes than --data {config.data}")
+        val_shards = knn_monitor_data(config, accelerator)
         small_images = config.small_image_stem
         if small_images is None:
             small_images = recipe.groups[0].size <= SMALL_IMAGE_CROPS
         method = create_method(config.method, backbone=config.backbone, small_images=small_images,
-                               on_gpu=accelerator.device.type == "cuda")
+                               on_gpu=accelerator.device.type == "cuda",
+                               **parse_method_options(config.method_options))
+    except TypeError as error:  # an option the method does not take
+        return fail(f"--method-options {config.method_options}: {error}")
     except (ConfigError, RecipeError, ShardError, ValueError) as error:
         return fail(str(error))
 
@@ -256,9 +272,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def knn_monitor_data(config: Config, accelerator):
+    """The labeled validation shards for the kNN monitor, or None when it cannot run."""
+    if not config.val_data:
+        return None
+    train_shards = open_shard_set(config.data)
+    if not train_shards.labeled:
+        accelerator.print(f"kNN monitor off: --data {config.data} has no labels (it is the memory bank)")
+        return None
+    if config.val_data == Config.val_data and config.data != Config.data:
+        accelerator.print("kNN monitor off: pass --val-data with labeled shards of the same classes as --data")
+        return None
+    val_shards = open_shard_set(config.val_data, need_labels=True)
+    if train_shards.classes != val_shards.classes:
+        raise ShardError(f"--val-data {config.val_data} has other classes than --data {config.data}: "
+                         f"give validation shards of the same classes, or --val-data ''")
+    return val_shards
+
+
 @torch.no_grad()
 def extract_features(backbone, recipe, data, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
-    stack = InputStack(eval_recipe(recipe), data, batch_size, device=device, training=False, need_labels=True)
+    # small images are evaluated whole, as CIFAR-style protocols do; large ones resize 256 / crop 224
+    crop_fraction = 1.0 if recipe.groups[0].size <= SMALL_IMAGE_CROPS else 0.875
+    stack = InputStack(eval_recipe(recipe, crop_fraction=crop_fraction), data, batch_size, device=device,
+                       training=False, need_labels=True)
     features, labels = [], []
     for _ in range(stack.steps_per_epoch):
         batch = next(stack)
