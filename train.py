@@ -64,11 +64,14 @@ class Config:
     keep_checkpoints: int = 3
     log_every: int = 10
     data_threads: int | None = None  # DALI CPU threads; None: the cores available per process
+    log_keys: bool = False  # debug: each rank appends "<step> <sample keys>" lines to <run>/keys_rank<r>.txt
     config: str | None = None  # a YAML file of these options
 
-    # options that may differ on resume without changing the run
-    RESUMABLE_DIFFERENCES = ("resume", "config", "max_steps", "epochs", "eval_every", "checkpoint_every",
-                             "keep_checkpoints", "log_every", "data_threads", "compile")
+    # options that may differ on resume without changing the run (name and output_dir only locate it:
+    # `--resume runs/x` needs neither, and a moved or copied run directory resumes)
+    RESUMABLE_DIFFERENCES = ("resume", "config", "name", "output_dir", "max_steps", "epochs", "eval_every",
+                             "checkpoint_every", "keep_checkpoints", "log_every", "data_threads", "compile",
+                             "log_keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +156,9 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator()
+    # Without CUDA, say so: Accelerate 1.15 picks MULTI_CPU (gloo) only when cpu=True; otherwise
+    # `accelerate launch --multi_gpu` (or torchrun) starts N independent single-process runs in one run dir
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     try:
         config, recipe, cls = resolve(config, accelerator.device, world)
@@ -203,6 +208,7 @@ def main(argv=None) -> int:
                           f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
     logger = run.logger(accelerator)
     stop_requested = install_stop_handlers()
+    keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
 
     progress_bar = make_progress_bar(accelerator, total_steps, start_step)
     step = start_step
@@ -212,19 +218,24 @@ def main(argv=None) -> int:
     while step < total_steps:
         epoch = step // steps_per_epoch
         progress = Progress(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
         for group in optimizer.param_groups:
-            group["lr"] = lr_schedule[step] * group.get("lr_multiplier", 1.0)
+            group["lr"] = float(lr_schedule[step]) * group.get("lr_multiplier", 1.0)
             if wd_schedule is not None and group.get("weight_decay", 0) > 0:
-                group["weight_decay"] = wd_schedule[step]
+                group["weight_decay"] = float(wd_schedule[step])
         batch = next(train_stack)
+        if keys_log:
+            keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
         if config.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
 
         with accelerator.autocast():
             loss, metrics = method(batch, progress)
         if not torch.isfinite(loss.detach()).all():
-            return fail(f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
-                        f"in {run.checkpoint_dir} is kept: lower --lr or check the data")
+            progress_bar.close()  # the error goes on its own line, after the bar
+            # step + 1: the numbering of metrics.jsonl and checkpoints (optimizer steps done after this one)
+            return fail(f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); the last good "
+                        f"checkpoint in {run.checkpoint_dir} is kept: lower --lr or check the data")
         accelerator.backward(loss)
         model.before_optimizer_step(progress)
         if config.grad_clip:
@@ -258,7 +269,11 @@ def main(argv=None) -> int:
                 logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, total_epochs))
         if step % config.checkpoint_every == 0 or finished or stop_requested():
-            run.save(step, config, accelerator, train_stack)
+            try:
+                run.save(step, config, accelerator, train_stack)
+            except CheckpointError as error:  # e.g. a full disk: one line, the previous checkpoint is kept
+                progress_bar.close()
+                return fail(str(error))
         if stop_requested() and not finished:
             accelerator.print(f"stop requested: checkpoint written at step {step}; resume with --resume auto")
             break
@@ -267,6 +282,8 @@ def main(argv=None) -> int:
         path = run.export_backbone(model.backbone, config)
         accelerator.print(f"backbone written to {path}")
     logger.close()
+    if keys_log:
+        keys_log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

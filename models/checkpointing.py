@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -147,12 +148,14 @@ class RunCheckpoints:
                 os.replace(temporary, final)
                 for old in list_checkpoints(self.root)[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
-        except OSError as error:
+        except (OSError, RuntimeError, SafetensorError) as error:  # a full disk in torch.save / safetensors
+            free = shutil.disk_usage(self.checkpoint_dir).free // 2**20  # before the clean-up frees space
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)
+            reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [repr(error)])[0]
             raise CheckpointError(
-                f"cannot write checkpoint {final} ({error.strerror or error}); the previous checkpoint is kept: "
-                f"free space in {self.checkpoint_dir} or lower --keep-checkpoints"
+                f"cannot write checkpoint {final} ({reason}; {free} MiB were free); the previous checkpoint "
+                f"is kept: free space in {self.checkpoint_dir} or lower --keep-checkpoints"
             ) from None
         accelerator.wait_for_everyone()
         return final

@@ -1,0 +1,410 @@
+"""train.py end to end: real DALI, real Accelerate (also a real two-process launch), no mocks.
+
+Every run is a subprocess (`python train.py ...` from the repository root), so exit codes, stdout
+and stderr are what a user sees. Runs are tiny: the 2k validation shards as the data, resnet10t
+with the standard stem, 2x32+2x16 crops, batch 16, a few steps, one torch thread and one DALI
+thread per process (two OpenMP threads on a 2-core machine that is also busy are ~10x slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "shards/fashion-mnist-val-2k"  # 2,000 labeled images: quick epochs and a quick kNN
+BACKBONE = "resnet10t"
+ERROR_PREFIX = "train.py: error:"
+TINY = ["--data", DATA, "--val-data", "", "--backbone", BACKBONE, "--no-small-image-stem",
+        "--multicrop", "2x32+2x16", "--batch-size", "16", "--log-every", "1", "--data-threads", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def train(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python train.py TINY... args...` in the repository root; the options given last win."""
+    command = [sys.executable, "train.py", *TINY, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_two_processes(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A real 2-process CPU run (gloo). `--cpu --num_processes 2` would silently start one process."""
+    with socket.socket() as probe:  # a free port: another run may be using accelerate's default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "train.py", *TINY, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{tail(result.stderr)}"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, alone: bool = True) -> str:
+    """Non-zero exit, no traceback, one `train.py: error:` line holding every fragment; returns it.
+
+    `alone`: stderr holds nothing else (errors before training); otherwise the error is its last line
+    (a failure during training comes after the progress bar).
+    """
+    assert result.returncode != 0, f"expected a failure\n{tail(result.stdout)}"
+    assert "Traceback" not in result.stderr, tail(result.stderr, 60)
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, tail(result.stderr)
+    assert lines[-1] == errors[0], tail(result.stderr)
+    if alone:
+        assert lines == errors, tail(result.stderr)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in metrics(run) if "loss" in record}
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(path.name for path in (run / "checkpoints").iterdir())
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def copy_run(run: Path, output_dir: Path, name: str = "run") -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(run, output_dir / name))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory) -> Path:
+    """A 6-step run with checkpoints at steps 3 and 6 (the reference for resume tests; copy before use)."""
+    output = tmp_path_factory.mktemp("six-steps")
+    assert_ok(train("--max-steps", 6, "--checkpoint-every", 3, "--output-dir", output, "--name", "run"))
+    return output / "run"
+
+
+# ---------------------------------------------------------------------------------------------- 1. a run
+
+
+def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loadable_backbone(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train("--val-data", DATA, "--max-steps", 3, "--checkpoint-every", 3,
+                   "--output-dir", tmp_path, "--name", "run")
+    assert_ok(result)
+    run = tmp_path / "run"
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["config"]["backbone"] == BACKBONE and saved["config"]["batch_size"] == 16
+    assert saved["config"]["max_steps"] == 3 and saved["config"]["val_data"] == DATA
+    # resolved defaults: the method's CPU choices are written, not None
+    assert saved["config"]["optimizer"] == "lars" and saved["config"]["lr"] == pytest.approx(0.3)
+    assert [(g["count"], g["size"]) for g in saved["recipe"]["groups"]] == [(2, 32), (2, 16)]
+    assert "2x32" in saved["recipe_text"]
+    assert saved["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert saved["versions"]["timm"] == timm.__version__
+
+    records = metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        assert {"step", "epoch", "loss", "lr", "images_per_second", "data_wait"} <= record.keys()
+        assert record["loss"] > 0 and record["lr"] > 0 and record["images_per_second"] > 0
+        assert 0 <= record["data_wait"] <= 1
+    (knn,) = [r for r in records if "knn_top1" in r]
+    assert knn["step"] == 3 and 10 < knn["knn_top1"] <= 100  # 10 classes: chance is 10 %
+    assert f"kNN top-1 {knn['knn_top1']:.2f}%" in result.stdout
+
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("loss")] == [1, 2, 3]
+    assert [event.step for event in accumulator.Scalars("knn_top1")] == [3]
+
+    assert checkpoints(run) == ["step-00000003"]
+    checkpoint = run / "checkpoints" / "step-00000003"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["num_processes"] == 1 and meta["config"] == saved["config"]
+    stack_state = torch.load(checkpoint / "input_stack_rank0.pt", weights_only=True)
+    assert stack_state["step_in_epoch"] == 3 and stack_state["epoch"] == 0 and stack_state["dali"]
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
+
+    exported = run / "backbone.safetensors"
+    weights = load_file(exported)
+    model = timm.create_model(BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=str(exported)),
+                              num_classes=0)
+    assert_same_tensors(weights, model.state_dict())
+    assert not torch.equal(weights["conv1.0.weight"], timm.create_model(BACKBONE).state_dict()["conv1.0.weight"])
+    assert json.loads((run / "backbone.json").read_text())["timm_name"] == BACKBONE
+
+
+# ---------------------------------------------------------------------------------------------- 2. resume
+
+
+def test_resume_auto_from_a_mid_run_checkpoint_repeats_the_uninterrupted_run_exactly(six_steps, tmp_path):
+    from safetensors.torch import load_file
+
+    # the run as if it had died after its step-3 checkpoint: later checkpoint gone, metrics up to step 6
+    run = copy_run(six_steps, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "backbone.safetensors").unlink()
+
+    result = train("--max-steps", 6, "--checkpoint-every", 3, "--output-dir", tmp_path, "--name", "run",
+                   "--resume", "auto")
+    assert_ok(result)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} at step 3" in result.stdout
+    assert list(losses(run)) == [1, 2, 3, 4, 5, 6]  # records after the checkpoint were replaced, not doubled
+    assert losses(run) == losses(six_steps)  # bit for bit
+    assert_same_tensors(load_file(run / "backbone.safetensors"), load_file(six_steps / "backbone.safetensors"))
+    assert checkpoints(run) == ["step-00000003", "step-00000006"]
+
+
+def test_resume_from_a_checkpoint_directory_needs_neither_name_nor_output_dir(six_steps, tmp_path):
+    run = copy_run(six_steps, tmp_path, name="moved")
+    result = train("--max-steps", 6, "--resume", run / "checkpoints" / "step-00000003")
+    assert_ok(result)
+    assert "at step 3" in result.stdout
+    assert losses(run) == losses(six_steps)
+
+
+# ---------------------------------------------------------------------------------------------- 3. options
+
+
+def test_help_lists_every_config_option_with_its_default():
+    from train import Config
+
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert_ok(result)
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for option in dataclasses.fields(Config):
+        flag = "--" + option.name.replace("_", "-")
+        assert flag in text, flag
+        entry = re.search(rf"\s{flag}[ ,].*?\(default: (.*?)\)", text[text.index("options:"):])
+        assert entry and entry.group(1) == str(option.default), (flag, entry and entry.group(0))
+
+
+def test_a_config_file_sets_options_and_command_line_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"batch_size": 8, "seed": 7, "lr": 0.1, "max_steps": 1,
+                                      "name": "from-yaml", "output_dir": str(tmp_path)}))
+    assert_ok(train("--config", config, "--batch-size", 12))
+    saved = yaml.safe_load((tmp_path / "from-yaml" / "config.yaml").read_text())["config"]
+    assert (saved["seed"], saved["lr"], saved["max_steps"]) == (7, 0.1, 1)
+    assert saved["batch_size"] == 12  # the flag, not the file's 8
+    assert saved["config"] == str(config)
+
+
+def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_size: 8\nlearning_rate: 0.1\n")
+    assert_one_line_error(train("--config", config, "--output-dir", tmp_path), "learning_rate")
+    assert not (tmp_path / "swav").exists() and list(tmp_path.iterdir()) == [config]
+
+
+# ---------------------------------------------------------------------------------------------- 4. bad input
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--method", "nosuchmethod"], ["unknown method 'nosuchmethod'", "swav"]),
+        (["--backbone", "nosuchnet"], ["unknown backbone 'nosuchnet'"]),
+        (["--multicrop", "2x32+x16"], ["--multicrop", "2x32+x16"]),
+        (["--data", "{empty}"], ["no shards in", "{empty}"]),
+        (["--batch-size", 5000], ["--batch-size 5000", "2000 samples"]),
+    ],
+    ids=["method", "backbone", "multicrop", "empty-data", "batch-larger-than-data"],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(a).format(empty=empty) for a in args]
+    result = train("--max-steps", 1, "--output-dir", tmp_path / "runs", "--name", "bad", *args)
+    assert_one_line_error(result, *[f.format(empty=empty) for f in fragments])
+    assert not list((tmp_path / "runs" / "bad" / "checkpoints").glob("*"))
+
+
+def test_resuming_with_other_options_lists_the_differences(six_steps, tmp_path):
+    run = copy_run(six_steps, tmp_path)
+    before = file_bytes(run / "checkpoints")
+    result = train("--max-steps", 9, "--output-dir", tmp_path, "--name", "run", "--resume", "auto",
+                   "--seed", 1, "--batch-size", 8)
+    error = assert_one_line_error(result, "step-00000006", "seed: 0 -> 1", "batch_size: 16 -> 8")
+    assert "max_steps" not in error  # a resumable difference
+    assert file_bytes(run / "checkpoints") == before
+
+
+def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # LR 1e30: the first step's loss is finite (it is computed before any update), its update is not
+    assert_ok(train("--lr", 1e30, "--max-steps", 1, "--checkpoint-every", 1, "--output-dir", tmp_path,
+                    "--name", "run"))
+    run = tmp_path / "run"
+    assert list(losses(run)) == [1]
+    before = file_bytes(run / "checkpoints")
+    assert list(before) and all(name.startswith("step-00000001/") for name in before)
+
+    result = train("--lr", 1e30, "--max-steps", 10, "--checkpoint-every", 1, "--output-dir", tmp_path,
+                   "--name", "run", "--resume", "auto")
+    assert_one_line_error(result, "loss is nan at step 2", str(run / "checkpoints"), alone=False)
+    assert file_bytes(run / "checkpoints") == before  # untouched, and nothing half-written beside it
+    assert list(losses(run)) == [1]
+
+
+# ---------------------------------------------------------------------------------------------- 5. SIGTERM
+
+
+def test_sigterm_writes_a_checkpoint_exits_zero_and_resume_auto_continues(tmp_path):
+    run = tmp_path / "run"
+    args = ["--max-steps", 400, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run"]
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, *map(str, args)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").is_file() and metrics(run)):
+            assert process.poll() is None and time.monotonic() < deadline, "no metrics record"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, tail(stderr)
+    assert "Traceback" not in stderr
+    stopped_at = max(losses(run))
+    assert 1 <= stopped_at < 400
+    assert f"stop requested: checkpoint written at step {stopped_at}" in stdout
+    assert checkpoints(run) == [f"step-{stopped_at:08d}"]
+    assert not (run / "backbone.safetensors").exists()  # only a finished run exports
+
+    result = train("--max-steps", stopped_at + 2, "--checkpoint-every", 1000, "--output-dir", tmp_path,
+                   "--name", "run", "--resume", "auto")
+    assert_ok(result)
+    assert f"at step {stopped_at}" in result.stdout
+    assert list(losses(run)) == list(range(1, stopped_at + 3))
+    assert checkpoints(run) == [f"step-{stopped_at:08d}", f"step-{stopped_at + 2:08d}"]
+
+
+# ---------------------------------------------------------------------------------------------- 6. full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder, limit): a real filesystem to fill, a tmpfs (mounting needs root); `limit(run, free)`
+    resizes it to leave about `free` bytes.
+
+    Without root, `limit` makes the run's checkpoints directory read-only instead (a PermissionError:
+    the same code path). As root chmod does not stop writes, so without tmpfs the test is skipped.
+    """
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        yield mount_point, lambda run, free: (run / "checkpoints").chmod(0o555)
+        for folder in mount_point.glob("*/checkpoints"):
+            folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def limit(run: Path, free: int) -> None:
+        size = shutil.disk_usage(mount_point).used + free
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
+
+    try:
+        yield mount_point, limit
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_is_a_one_line_error_and_keeps_the_previous_checkpoint(small_disk):
+    disk, limit = small_disk
+    args = ["--checkpoint-every", 3, "--output-dir", disk, "--name", "run"]
+    assert_ok(train("--max-steps", 3, *args))
+    run = disk / "run"
+    before = file_bytes(run / "checkpoints")
+    model_size = (run / "checkpoints" / "step-00000003" / "model.safetensors").stat().st_size
+    # the disk fills in the model's file (safetensors), then in the optimizer's (torch.save): both report it
+    # in their own way; ~1 MB more is left for the small files a resumed run writes first
+    for free in (model_size // 2, model_size * 3 // 2):
+        limit(run, free)
+        result = train("--max-steps", 6, *args, "--resume", "auto")
+        assert_one_line_error(result, "cannot write checkpoint", "step-00000006", "previous checkpoint is kept",
+                              alone=False)
+        assert checkpoints(run) == ["step-00000003"]  # no half-written step-00000006 or .tmp- directory
+        assert file_bytes(run / "checkpoints") == before
+        assert list(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------- 7. two processes
+
+
+def shard_keys(data: str) -> set[str]:
+    keys = set()
+    for tar in sorted((ROOT / data).glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            keys.update(name.split(".", 1)[0] for name in archive.getnames())
+    return keys
+
+
+def test_two_processes_train_one_model_on_disjoint_samples(tmp_path):
+    result = launch_two_processes("--max-steps", 3, "--checkpoint-every", 3, "--log-keys",
+                                  "--output-dir", tmp_path, "--name", "run")
+    assert_ok(result)
+    assert "2 process(es) x batch 16" in result.stdout
+    run = tmp_path / "run"
+    assert list(losses(run)) == [1, 2, 3]  # logged once, by the main process
+    checkpoint = run / "checkpoints" / "step-00000003"
+    assert json.loads((checkpoint / "meta.json").read_text())["num_processes"] == 2
+    for rank in (0, 1):
+        state = torch.load(checkpoint / f"input_stack_rank{rank}.pt", weights_only=True)
+        assert state["rank"] == rank and state["num_shards"] == 2 and state["step_in_epoch"] == 3
+        assert (checkpoint / f"random_states_{rank}.pkl").is_file()
+
+    # the keys each rank really trained on, logged by train.py --log-keys inside the launched run
+    keys = {}
+    for rank in (0, 1):
+        lines = (run / f"keys_rank{rank}.txt").read_text().splitlines()
+        assert [int(line.split()[0]) for line in lines] == [1, 2, 3]
+        keys[rank] = [key for line in lines for key in line.split()[1:]]
+        assert len(keys[rank]) == 3 * 16 and len(set(keys[rank])) == 3 * 16  # no repeats within the epoch
+    assert not set(keys[0]) & set(keys[1])
+    assert set(keys[0]) | set(keys[1]) <= shard_keys(DATA)
