@@ -16,6 +16,7 @@ caller looks it up (`default_recipe(pipelines.spec.preset)`).
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -39,7 +40,7 @@ class Progress:
         return self.step / max(self.total_steps, 1)
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str]
     recipe_preset: ClassVar[str]
 
@@ -89,9 +90,9 @@ class Method(nn.Module):
     def forward(self, batch, progress: Progress):
         return self.training_step(batch, progress)
 
+    @abc.abstractmethod
     def training_step(self, batch, progress: Progress) -> tuple[torch.Tensor, dict]:
         """(loss, metrics): metrics map names to floats or 0-d tensors (the loop converts when it logs)."""
-        raise NotImplementedError
 
     def forward_groups(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Backbone features per crop-size group: one forward per group, never one per crop."""
