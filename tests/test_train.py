@@ -210,10 +210,12 @@ def test_resume_from_a_checkpoint_directory_needs_neither_name_nor_output_dir(si
 def test_help_lists_every_config_option_with_its_default():
     from train import Config
 
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    # argparse wraps help at the terminal width and breaks on hyphens, which would split a long default
+    # path ("fashion-mnist-" / "train-10k"); a wide COLUMNS keeps every entry on one line.
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env={**ENV, "COLUMNS": "10000"},
+                            capture_output=True, text=True, timeout=120)
     assert_ok(result)
-    text = " ".join(result.stdout.split())  # argparse wraps lines
+    text = " ".join(result.stdout.split())
     for option in dataclasses.fields(Config):
         flag = "--" + option.name.replace("_", "-")
         assert flag in text, flag
