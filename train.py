@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     method, optimizer = accelerator.prepare(method, optimizer)
     model = accelerator.unwrap_model(method)
     if config.compile:
-        model.backbone = torch.compile(model.backbone)
+        # in place: parameter names stay timm's, so checkpoints and the export don't depend on --compile
+        model.backbone.compile()
 
     run = RunCheckpoints.for_run(config, accelerator)
     start_step = 0

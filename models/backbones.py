@@ -43,4 +43,5 @@ def use_small_image_stem(model: nn.Module, name: str = "this model") -> nn.Modul
         conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=conv.bias is not None
     )
     model.maxpool = nn.Identity()
+    model.small_image_stem = True  # recorded in backbone.json next to exported weights
     return model

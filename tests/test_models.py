@@ -31,7 +31,8 @@ def test_small_image_stem_keeps_the_resolution_and_timm_names():
     model, dim = create_backbone("resnet18", small_images=True)
     conv = model.conv1
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-    assert isinstance(model.maxpool, nn.Identity)
+    assert isinstance(model.maxpool, nn.Identity) and model.small_image_stem
+    assert not getattr(create_backbone("resnet18")[0], "small_image_stem", False)
     assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)  # 32 / 8, not 32 / 32
 
     model.eval()

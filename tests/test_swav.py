@@ -111,7 +111,8 @@ def _sinkhorn_rank(rank: int, world: int, port: int, scores: torch.Tensor, queue
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, sinkhorn(scores.chunk(world)[rank])))
+        # numpy, pickled by value: a tensor travels as a shared-memory handle that dies with this process
+        queue.put((rank, sinkhorn(scores.chunk(world)[rank]).numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -127,7 +128,7 @@ def test_sinkhorn_over_two_ranks_equals_one_process_on_the_global_batch():
                  for rank in range(2)]
     for process in processes:
         process.start()
-    parts = dict(results.get(timeout=60) for _ in processes)
+    parts = {rank: torch.from_numpy(part) for rank, part in (results.get(timeout=60) for _ in processes)}
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
