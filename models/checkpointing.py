@@ -193,7 +193,7 @@ class RunCheckpoints:
         save_file(state, str(temporary))
         os.replace(temporary, path)
         info = {"timm_name": config.backbone, "method": config.method, "file": path.name,
-                "small_image_stem": bool(getattr(backbone, "small_image_stem", False))}
+                "stem": getattr(backbone, "stem", "standard")}
         _atomic_write_text(self.root / "backbone.json", json.dumps(info, indent=2))
         return path
 

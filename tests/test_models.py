@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from models.backbones import create_backbone, default_backbone, use_small_image_stem
+from models.backbones import adapt_stem, create_backbone, default_backbone
 from models.ema import cosine_momentum, ema_update_
 from models.heads import SwAVHead, SwAVPrototypes, mlp
 from models.methods import METHODS, create_method, method_class
@@ -24,25 +24,45 @@ def test_backbone_returns_pooled_features_and_their_dimension():
     assert dim == 512
     assert isinstance(model.conv1, nn.Conv2d) and model.conv1.kernel_size == (7, 7)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 512)
-    assert default_backbone("cuda") == "resnet50" and default_backbone("cpu") == "resnet18"
+    assert default_backbone("cuda") == "resnet50" and default_backbone("cpu") == "resnet10t"
 
 
-def test_small_image_stem_keeps_the_resolution_and_timm_names():
-    model, dim = create_backbone("resnet18", small_images=True)
+def test_cifar_stem_keeps_the_resolution_and_timm_names():
+    model, dim = create_backbone("resnet18", stem="cifar")
     conv = model.conv1
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-    assert isinstance(model.maxpool, nn.Identity) and model.small_image_stem
-    assert not getattr(create_backbone("resnet18")[0], "small_image_stem", False)
+    assert isinstance(model.maxpool, nn.Identity) and model.stem == "cifar"
+    assert create_backbone("resnet18")[0].stem == "standard"
     assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)  # 32 / 8, not 32 / 32
 
     model.eval()
     stock = timm.create_model("resnet18", pretrained=False, num_classes=0)
     with pytest.raises(RuntimeError, match="size mismatch"):
         stock.load_state_dict(model.state_dict())
-    same_stem = use_small_image_stem(timm.create_model("resnet18", pretrained=False, num_classes=0)).eval()
+    same_stem = adapt_stem(timm.create_model("resnet18", pretrained=False, num_classes=0), "cifar").eval()
     same_stem.load_state_dict(model.state_dict())
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(same_stem(images), model(images))
+
+
+@pytest.mark.parametrize("name, stem, final_map", [
+    ("resnet10t", "standard", 1), ("resnet10t", "no-maxpool", 2), ("resnet10t", "cifar", 4),
+    ("resnet18", "no-maxpool", 2),
+])
+def test_small_image_stems_that_keep_the_weights_load_into_stock_timm(name, stem, final_map):
+    model, _ = create_backbone(name, stem=stem)
+    assert model.stem == stem
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape[-2:] == (final_map, final_map)
+    stock = timm.create_model(name, pretrained=False, num_classes=0)
+    stock.load_state_dict(model.state_dict())  # same names and shapes: the exported file loads as is
+    images = torch.randn(2, 3, 32, 32)
+    model.eval(), adapt_stem(stock, stem).eval()
+    torch.testing.assert_close(stock(images), model(images))
+
+
+def test_an_unknown_stem_is_a_one_line_error():
+    with pytest.raises(ValueError, match="^unknown stem 'tiny': one of standard, no-maxpool, cifar$"):
+        create_backbone("resnet18", stem="tiny")
 
 
 def test_vit_takes_image_and_patch_size_and_refuses_the_resnet_stem():
@@ -50,7 +70,7 @@ def test_vit_takes_image_and_patch_size_and_refuses_the_resnet_stem():
     assert dim == 192
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 192)
     with pytest.raises(ValueError, match="pass img_size=... and patch_size=... instead"):
-        create_backbone("vit_tiny_patch16_224", small_images=True)
+        create_backbone("vit_tiny_patch16_224", stem="no-maxpool")
 
 
 def test_unknown_backbone_is_a_one_line_error():
@@ -199,7 +219,7 @@ def test_cosine_momentum():
 
 def test_registry():
     assert METHODS["swav"] is SwAV and method_class("swav") is SwAV
-    method = create_method("swav", backbone="resnet18", small_images=True, on_gpu=False)
+    method = create_method("swav", backbone="resnet18", stem="cifar", on_gpu=False)
     assert isinstance(method, SwAV) and method.feature_dim == 512
     with pytest.raises(ValueError, match="^unknown method 'nope'; known: swav$"):
         create_method("nope")

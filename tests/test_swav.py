@@ -172,7 +172,7 @@ def test_swav_loss_rejects_impossible_crop_counts():
 
 def test_training_step_on_a_small_resnet_runs_one_backbone_forward_per_group():
     torch.manual_seed(0)
-    method = create_method("swav", backbone="resnet18", small_images=True, on_gpu=False)
+    method = create_method("swav", backbone="resnet18", stem="cifar", on_gpu=False)
     assert method.prototypes.weight.shape == (512, 128) and method.prototypes.bias is None
     forwards = []
     method.backbone.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape))

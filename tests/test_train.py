@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "shards/fashion-mnist-val-2k"  # 2,000 labeled images: quick epochs and a quick kNN
 BACKBONE = "resnet10t"
 ERROR_PREFIX = "train.py: error:"
-TINY = ["--data", DATA, "--val-data", "", "--backbone", BACKBONE, "--no-small-image-stem",
+TINY = ["--data", DATA, "--val-data", "", "--backbone", BACKBONE, "--stem", "standard",
         "--multicrop", "2x32+2x16", "--batch-size", "16", "--log-every", "1", "--data-threads", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -172,7 +172,8 @@ def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loa
                               num_classes=0)
     assert_same_tensors(weights, model.state_dict())
     assert not torch.equal(weights["conv1.0.weight"], timm.create_model(BACKBONE).state_dict()["conv1.0.weight"])
-    assert json.loads((run / "backbone.json").read_text())["timm_name"] == BACKBONE
+    info = json.loads((run / "backbone.json").read_text())
+    assert (info["timm_name"], info["stem"]) == (BACKBONE, "standard")
 
 
 # ---------------------------------------------------------------------------------------------- 2. resume
@@ -223,6 +224,15 @@ def test_help_lists_every_config_option_with_its_default():
         assert entry and entry.group(1) == str(option.default), (flag, entry and entry.group(0))
 
 
+def test_small_crops_get_a_resnet_stem_that_keeps_resolution():
+    from train import default_stem
+
+    assert default_stem("resnet10t", 32, on_gpu=False) == "no-maxpool"
+    assert default_stem("resnet50", 32, on_gpu=True) == "cifar"
+    assert default_stem("resnet50", 224, on_gpu=True) == default_stem("resnet10t", 96, on_gpu=False) == "standard"
+    assert default_stem("vit_tiny_patch16_224", 32, on_gpu=False) == "standard"  # not a ResNet
+
+
 def test_a_config_file_sets_options_and_command_line_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"batch_size": 8, "seed": 7, "lr": 0.1, "max_steps": 1,
@@ -249,11 +259,12 @@ def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
     [
         (["--method", "nosuchmethod"], ["unknown method 'nosuchmethod'", "swav"]),
         (["--backbone", "nosuchnet"], ["unknown backbone 'nosuchnet'"]),
+        (["--stem", "tiny"], ["unknown stem 'tiny'", "no-maxpool"]),
         (["--multicrop", "2x32+x16"], ["--multicrop", "2x32+x16"]),
         (["--data", "{empty}"], ["no shards in", "{empty}"]),
         (["--batch-size", 5000], ["--batch-size 5000", "2000 samples"]),
     ],
-    ids=["method", "backbone", "multicrop", "empty-data", "batch-larger-than-data"],
+    ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty = tmp_path / "empty"

@@ -57,12 +57,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     warmup_start_fraction: ClassVar[float] = 0.0  # the warmup starts at lr * this
     cpu_overrides: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, backbone: str | nn.Module, *, small_images: bool = False,
+    def __init__(self, backbone: str | nn.Module, *, stem: str = "standard",
                  feature_dim: int | None = None, backbone_kwargs: dict | None = None):
         """`backbone` is a timm name or a module returning pooled features (then give `feature_dim`)."""
         super().__init__()
         if isinstance(backbone, str):
-            backbone, feature_dim = create_backbone(backbone, small_images=small_images,
+            backbone, feature_dim = create_backbone(backbone, stem=stem,
                                                     **(backbone_kwargs or {}))
         elif feature_dim is None:
             feature_dim = backbone.num_features

@@ -44,7 +44,7 @@ class SwAV(Method):
         self,
         backbone: str | nn.Module | None = None,
         *,
-        small_images: bool = False,
+        stem: str = "standard",
         on_gpu: bool = True,
         head_preset: str | None = None,
         hidden_dim: int | None = None,
@@ -62,7 +62,7 @@ class SwAV(Method):
     ):
         """`head_preset` "paper" (2048 / 128 / 3000 prototypes) or "small" (512 / 128 / 512);
         None picks "paper" when `on_gpu`. Explicit dims override the preset."""
-        super().__init__(backbone or default_backbone("cuda" if on_gpu else "cpu"), small_images=small_images,
+        super().__init__(backbone or default_backbone("cuda" if on_gpu else "cpu"), stem=stem,
                          feature_dim=feature_dim, backbone_kwargs=backbone_kwargs)
         head_preset = head_preset or ("paper" if on_gpu else "small")
         if head_preset not in self.HEAD_PRESETS:
