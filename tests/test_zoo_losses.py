@@ -36,19 +36,23 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+def assert_same_values_and_gradients(ours_fn, theirs_fn, *inputs: torch.Tensor) -> None:
+    ours_inputs, theirs_inputs = leaves(*inputs), leaves(*inputs)
+    ours, theirs = ours_fn(*ours_inputs), theirs_fn(*theirs_inputs)
+    torch.testing.assert_close(ours, theirs, **TIGHT)
+    ours.backward()
+    theirs.backward()
+    for mine, reference in zip(ours_inputs, theirs_inputs):
+        torch.testing.assert_close(mine.grad, reference.grad, **TIGHT)
+
+
 # --- SimCLR ---------------------------------------------------------------------------------------
 
 
 def test_nt_xent_matches_lightly_values_and_gradients():
     z1, z2 = randn(16, 32, seed=0), randn(16, 32, seed=1, scale=2.0)
-    a1, a2 = leaves(z1, z2)
-    b1, b2 = leaves(z1, z2)
-    ours, theirs = nt_xent_loss(a1, a2, temperature=0.1), NTXentLoss(temperature=0.1)(b1, b2)
-    torch.testing.assert_close(ours, theirs, **TIGHT)
-    ours.backward()
-    theirs.backward()
-    torch.testing.assert_close(a1.grad, b1.grad, **TIGHT)
-    torch.testing.assert_close(a2.grad, b2.grad, **TIGHT)
+    assert_same_values_and_gradients(lambda a, b: nt_xent_loss(a, b, temperature=0.1), NTXentLoss(temperature=0.1),
+                                     z1, z2)
 
 
 # --- MoCo v2 --------------------------------------------------------------------------------------
@@ -181,14 +185,7 @@ def test_dino_sends_no_gradient_into_the_teacher_and_rejects_a_single_crop():
 def test_barlow_twins_matches_lightly_with_the_paper_lambda():
     z1, z2 = randn(32, 16, seed=90, scale=3.0, shift=1.0), randn(32, 16, seed=91, scale=0.5, shift=-2.0)
     z2 = z2 + 0.5 * z1  # some correlation, so that the diagonal term is not trivial
-    a1, a2 = leaves(z1, z2)
-    b1, b2 = leaves(z1, z2)
-    ours, theirs = barlow_twins_loss(a1, a2), BarlowTwinsLoss(lambda_param=0.0051)(b1, b2)
-    torch.testing.assert_close(ours, theirs, **TIGHT)
-    ours.backward()
-    theirs.backward()
-    torch.testing.assert_close(a1.grad, b1.grad, **TIGHT)
-    torch.testing.assert_close(a2.grad, b2.grad, **TIGHT)
+    assert_same_values_and_gradients(barlow_twins_loss, BarlowTwinsLoss(lambda_param=0.0051), z1, z2)
 
 
 def test_vicreg_matches_lightly():
@@ -196,14 +193,7 @@ def test_vicreg_matches_lightly():
     shared = randn(32, 1, seed=100)
     x = randn(32, 16, seed=101, scale=0.5) + shared
     y = randn(32, 16, seed=102, scale=0.5) + shared
-    a1, a2 = leaves(x, y)
-    b1, b2 = leaves(x, y)
-    ours, theirs = vicreg_loss(a1, a2), VICRegLoss()(b1, b2)
-    torch.testing.assert_close(ours, theirs, **TIGHT)
-    ours.backward()
-    theirs.backward()
-    torch.testing.assert_close(a1.grad, b1.grad, **TIGHT)
-    torch.testing.assert_close(a2.grad, b2.grad, **TIGHT)
+    assert_same_values_and_gradients(vicreg_loss, VICRegLoss(), x, y)
 
 
 # --- precision ------------------------------------------------------------------------------------
