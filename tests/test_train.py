@@ -130,6 +130,8 @@ def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loa
                    "--output-dir", tmp_path, "--name", "run")
     assert_ok(result)
     run = tmp_path / "run"
+    if (os.cpu_count() or 1) > 1:  # ENV pins one OpenMP thread, as accelerate launch does by default
+        assert f"pass accelerate launch --num_cpu_threads_per_process {os.cpu_count()}" in result.stdout
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["config"]["backbone"] == BACKBONE and saved["config"]["batch_size"] == 16
