@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import timm
 import torch
 import yaml
 
@@ -142,7 +143,7 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
         warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else defaults["warmup_epochs"],
         weight_decay=config.weight_decay if config.weight_decay is not None else defaults["weight_decay"],
         grad_clip=config.grad_clip if config.grad_clip is not None else defaults.get("grad_clip"),
-        data_threads=config.data_threads or max(1, (os.cpu_count() or 2) // world_size),
+        data_threads=config.data_threads or cores_per_process(world_size),
     )
     recipe = preset(cls.recipe_preset).with_multicrop(resolved.multicrop)
     if resolved.stem is None:
@@ -151,11 +152,13 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
     return resolved, recipe, cls
 
 
+def cores_per_process(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 2) // world_size)
+
+
 def default_stem(backbone: str, crop_size: int, on_gpu: bool) -> str:
     """Small crops through a stock ResNet end in 1x1 maps, so timm ResNets keep more resolution for them.
     The cifar stem costs ~16x the compute of the standard one, no-maxpool ~4x: on CPU speed wins."""
-    import timm
-
     if crop_size > SMALL_IMAGE_CROPS or backbone not in timm.list_models(module="resnet"):
         return "standard"
     return "cifar" if on_gpu else "no-maxpool"
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         accelerator.print(recipe.describe())
         accelerator.print(f"{config.method} | {config.backbone} | {world} process(es) x batch {config.batch_size} "
                           f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
-        cores = max(1, (os.cpu_count() or 1) // world)
+        cores = cores_per_process(world)
         if accelerator.device.type == "cpu" and torch.get_num_threads() < cores:
             # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: 1.7x slower on 2 cores
             accelerator.print(f"note: {torch.get_num_threads()} CPU thread(s) per process of {cores} available; "
