@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,7 @@ class Config:
     backbone: str | None = None  # any timm name; None: resnet50 on a GPU, resnet10t on CPU
     stem: str | None = None  # ResNets: standard | no-maxpool | cifar; None: crops <= 64 px get cifar on a GPU, no-maxpool on CPU
     method_options: str | None = None  # method keyword arguments, e.g. "queue_length=3840,queue_start_epoch=15"
+    backbone_options: str | None = None  # timm.create_model keyword arguments, e.g. "img_size=32,patch_size=4"
     batch_size: int | None = None  # per process; None: the method's default for the device
     epochs: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
@@ -112,18 +114,22 @@ class ConfigError(ValueError):
     pass
 
 
-def parse_method_options(text: str | dict | None) -> dict:
-    """`key=value,key=value` (values read as YAML scalars) or a mapping from a --config file."""
+def parse_options(text: str | dict | None, flag: str) -> dict:
+    """`key=value,key=value` (values read as YAML, so lists work: `channels=[32,64]`) or a mapping
+    from a --config file."""
     if not text:
         return {}
     if isinstance(text, dict):
         return dict(text)
     options = {}
-    for item in text.split(","):
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):  # commas that start the next key=
         key, separator, value = item.partition("=")
         if not separator or not key.strip():
-            raise ConfigError(f"--method-options {text!r}: expected key=value pairs joined by ','")
-        options[key.strip()] = yaml.safe_load(value.strip())
+            raise ConfigError(f"{flag} {text!r}: expected key=value pairs joined by ','")
+        try:
+            options[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            raise ConfigError(f"{flag} {text!r}: {value.strip()!r} is not a YAML value") from None
     return options
 
 
@@ -131,11 +137,12 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
     """Fill the device- and method-dependent defaults; returns (config, recipe, method class)."""
     cls = method_class(config.method)
     on_gpu = device.type == "cuda"
-    defaults = cls.defaults(on_gpu)
+    backbone = config.backbone or default_backbone(device.type)
+    defaults = cls.defaults(on_gpu, backbone)
     resolved = dataclasses.replace(
         config,
         multicrop=config.multicrop or defaults["multicrop"],
-        backbone=config.backbone or default_backbone(device.type),
+        backbone=backbone,
         batch_size=config.batch_size or defaults["batch_size"],
         epochs=config.epochs or defaults["epochs"],
         lr=config.lr if config.lr is not None else defaults["lr"],
@@ -184,9 +191,11 @@ def main(argv=None) -> int:
         val_shards = knn_monitor_data(config, accelerator)
         method = create_method(config.method, backbone=config.backbone, stem=config.stem,
                                on_gpu=accelerator.device.type == "cuda",
-                               **parse_method_options(config.method_options))
-    except TypeError as error:  # an option the method does not take
-        return fail(f"--method-options {config.method_options}: {error}")
+                               backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
+                               **parse_options(config.method_options, "--method-options"))
+    except TypeError as error:  # an option the method or the timm model does not take
+        return fail(f"--method-options {config.method_options} / --backbone-options {config.backbone_options}: "
+                    f"{error}")
     except (ConfigError, RecipeError, ShardError, ValueError) as error:
         return fail(str(error))
 
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     lr = config.lr * method.lr_scaling(global_batch)
-    lr_schedule = cosine_schedule(lr, lr * method.final_lr_fraction, total_steps,
+    lr_schedule = cosine_schedule(lr, method.final_lr(lr), total_steps,
                                   warmup_steps=round(config.warmup_epochs * steps_per_epoch),
                                   warmup_start=lr * method.warmup_start_fraction)
     wd_schedule = method.weight_decay_schedule(config.weight_decay, total_steps)
@@ -239,7 +248,8 @@ def main(argv=None) -> int:
         progress = Progress(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
         for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[step]) * group.get("lr_multiplier", 1.0)
+            scheduled = lr if group.get("fixed_lr") else lr_schedule[step]
+            group["lr"] = float(scheduled) * group.get("lr_multiplier", 1.0)
             if wd_schedule is not None and group.get("weight_decay", 0) > 0:
                 group["weight_decay"] = float(wd_schedule[step])
         batch = next(train_stack)
@@ -284,7 +294,7 @@ def main(argv=None) -> int:
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if val_shards and evaluate_now:
-                summary["knn_top1"] = knn_monitor(model.backbone, recipe, config, accelerator)
+                summary["knn_top1"] = knn_monitor(model.eval_backbone, recipe, config, accelerator)
                 logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, total_epochs))
         if step % config.checkpoint_every == 0 or finished or stop_requested():
@@ -298,7 +308,8 @@ def main(argv=None) -> int:
             break
     progress_bar.close()
     if step == total_steps and accelerator.is_main_process:
-        path = run.export_backbone(model.backbone, config)
+        path = run.export_backbone(model.eval_backbone, config,
+                                   parse_options(config.backbone_options, "--backbone-options"))
         accelerator.print(f"backbone written to {path}")
     logger.close()
     if keys_log:

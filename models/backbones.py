@@ -21,6 +21,13 @@ def default_backbone(device_type: str) -> str:
     return "resnet50" if device_type == "cuda" else "resnet10t"
 
 
+def is_vit(backbone: str | nn.Module) -> bool:
+    """A vision transformer (timm's ViT family, DeiT included), by name or by its patch embedding."""
+    if isinstance(backbone, str):
+        return backbone in timm.list_models(module=["vision_transformer", "deit"])
+    return hasattr(backbone, "patch_embed")
+
+
 def create_backbone(name: str, *, stem: str = "standard", **kwargs) -> tuple[nn.Module, int]:
     """A randomly initialised timm model without classifier (its forward returns pooled features)
     and its feature dimension. Extra keyword arguments go to `timm.create_model` (e.g. `img_size`,

@@ -184,7 +184,8 @@ class RunCheckpoints:
         accelerator.print(f"resumed from {path} at step {meta['step']}")
         return meta["step"]
 
-    def export_backbone(self, backbone: torch.nn.Module, config) -> Path:
+    def export_backbone(self, backbone: torch.nn.Module, config, model_kwargs: dict | None = None) -> Path:
+        """backbone.safetensors and backbone.json: the timm name, stem and `timm.create_model` kwargs."""
         from safetensors.torch import save_file
 
         path = self.root / "backbone.safetensors"
@@ -193,7 +194,7 @@ class RunCheckpoints:
         save_file(state, str(temporary))
         os.replace(temporary, path)
         info = {"timm_name": config.backbone, "method": config.method, "file": path.name,
-                "stem": getattr(backbone, "stem", "standard")}
+                "stem": getattr(backbone, "stem", "standard"), "model_kwargs": model_kwargs or {}}
         _atomic_write_text(self.root / "backbone.json", json.dumps(info, indent=2))
         return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -28,3 +29,10 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
     """1 - (1 - base) * (cos(pi * step / total) + 1) / 2: base at step 0, 1 at the end (BYOL, MoCo v3)."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A teacher: a deep copy of `module` whose parameters take no gradient (EMA updates only)."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher

@@ -55,3 +55,31 @@ class SwAVPrototypes(nn.Linear):
     @torch.no_grad()
     def normalize_(self) -> None:
         self.weight.copy_(F.normalize(self.weight, dim=1))
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU, no BN) -> L2-normalised bottleneck -> weight-normalised Linear without bias.
+
+    The last layer is weight normalisation written out: rows of `last_weight` are L2-normalised and
+    scaled by `last_scale` (weight_g), which stays 1 when `norm_last_layer` (DINO's default).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, out_dim: int = 65536,
+                 n_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = mlp([in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim], batch_norm=False,
+                       activation=nn.GELU)
+        for layer in self.mlp.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_weight = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.kaiming_uniform_(self.last_weight, a=5**0.5)  # nn.Linear's initialisation
+        self.last_scale = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        return [self.last_weight, self.last_scale]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        bottleneck = F.normalize(self.mlp(features), dim=-1)
+        return F.linear(bottleneck, F.normalize(self.last_weight, dim=1) * self.last_scale)

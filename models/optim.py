@@ -58,26 +58,34 @@ def param_groups(
     *,
     exclude_bias_and_norm: bool = True,
     lr_multipliers: dict[str, float] | None = None,
+    bias_and_norm_lr_multiplier: float = 1.0,
+    fixed_lr: tuple[str, ...] = (),
 ) -> list[dict]:
     """Trainable parameters split into optimiser groups.
 
     With `exclude_bias_and_norm`, 1-D parameters (biases, norm weights) get no weight decay and
     `lars_exclude=True`. `lr_multipliers` maps parameter-name prefixes to a factor stored as the
-    group's `lr_multiplier` (the longest matching prefix wins; the loop applies it to the scheduled LR).
+    group's `lr_multiplier` (the longest matching prefix wins; the loop applies it to the scheduled LR);
+    1-D parameters also get `bias_and_norm_lr_multiplier` (Barlow Twins). Parameters under a prefix in
+    `fixed_lr` get `fixed_lr=True`: the loop holds them at the peak LR (SimSiam's predictor).
     """
     lr_multipliers = lr_multipliers or {}
-    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    grouped: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        excluded = exclude_bias_and_norm and parameter.ndim <= 1
+        one_dimensional = parameter.ndim <= 1
+        excluded = exclude_bias_and_norm and one_dimensional
         prefixes = [prefix for prefix in lr_multipliers if name.startswith(prefix)]
         multiplier = lr_multipliers[max(prefixes, key=len)] if prefixes else 1.0
-        grouped.setdefault((excluded, multiplier), []).append(parameter)
+        if one_dimensional:
+            multiplier *= bias_and_norm_lr_multiplier
+        fixed = name.startswith(fixed_lr) if fixed_lr else False
+        grouped.setdefault((excluded, multiplier, fixed), []).append(parameter)
     return [
         {"params": params, "weight_decay": 0.0 if excluded else weight_decay, "lars_exclude": excluded,
-         "lr_multiplier": multiplier}
-        for (excluded, multiplier), params in grouped.items()
+         "lr_multiplier": multiplier, "fixed_lr": fixed}
+        for (excluded, multiplier, fixed), params in grouped.items()
     ]
 
 

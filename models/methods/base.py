@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
+from models.backbones import create_backbone, default_backbone, is_vit
+from models.ema import cosine_momentum, ema_update_
 from models.optim import param_groups
 
 
@@ -56,11 +57,17 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     final_lr_fraction: ClassVar[float] = 0.0  # the cosine schedule ends at lr * this
     warmup_start_fraction: ClassVar[float] = 0.0  # the warmup starts at lr * this
     cpu_overrides: ClassVar[dict[str, Any]] = {}
+    # Head widths: "paper" on a GPU, "small" on CPU; explicit keyword arguments override (`head_sizes`)
+    HEAD_PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": {}}
+    # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
+    accepts_local_crops: ClassVar[bool] = False
 
-    def __init__(self, backbone: str | nn.Module, *, stem: str = "standard",
+    def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, stem: str = "standard",
                  feature_dim: int | None = None, backbone_kwargs: dict | None = None):
-        """`backbone` is a timm name or a module returning pooled features (then give `feature_dim`)."""
+        """`backbone` is a timm name or a module returning pooled features (then give `feature_dim`);
+        None: the device's default (`default_backbone`)."""
         super().__init__()
+        backbone = backbone or default_backbone("cuda" if on_gpu else "cpu")
         if isinstance(backbone, str):
             backbone, feature_dim = create_backbone(backbone, stem=stem,
                                                     **(backbone_kwargs or {}))
@@ -69,12 +76,17 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         self.backbone = backbone
         self.feature_dim = feature_dim
 
+    # Training defaults that replace the class's for ViT backbones (e.g. AdamW where ResNets use LARS)
+    vit_overrides: ClassVar[dict[str, Any]] = {}
+
     @classmethod
-    def defaults(cls, on_gpu: bool) -> dict[str, Any]:
+    def defaults(cls, on_gpu: bool, backbone: str | None = None) -> dict[str, Any]:
         names = ("optimizer", "weight_decay", "warmup_epochs", "epochs", "batch_size", "multicrop",
                  "grad_clip")
         values = {name: getattr(cls, name) for name in names}
         values["lr"] = cls.base_lr
+        if backbone is not None and cls.vit_overrides and is_vit(backbone):
+            values.update(cls.vit_overrides)
         if not on_gpu:
             values.update(cls.cpu_overrides)
         return values
@@ -86,6 +98,32 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def check_recipe(cls, recipe, batch_size: int) -> None:
         """Raise ValueError (one line) if the method cannot train on this recipe and per-process batch."""
+        if not cls.accepts_local_crops and (len(recipe.groups) != 1 or recipe.groups[0].count != 2):
+            raise ValueError(f"{cls.name} trains on two views of one size; --multicrop '{recipe.multicrop}' "
+                             f"is not that: use e.g. 2x224 (2x32 on CPU)")
+
+    def head_sizes(self, head_preset: str | None, on_gpu: bool, **given) -> dict[str, Any]:
+        """The preset's head widths ("paper" on a GPU, "small" on CPU by default), with `given` values
+        that are not None on top."""
+        head_preset = head_preset or ("paper" if on_gpu else "small")
+        if head_preset not in self.HEAD_PRESETS:
+            raise ValueError(f"unknown {self.name} head_preset {head_preset!r}; known: {', '.join(self.HEAD_PRESETS)}")
+        sizes = dict(self.HEAD_PRESETS[head_preset])
+        sizes.update({key: value for key, value in given.items() if value is not None})
+        return sizes
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone the kNN monitor evaluates and the export writes (DINO: the teacher's)."""
+        return self.backbone
+
+    def two_views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of the two views, from one forward over both."""
+        return self.backbone(batch.views[0]).split(batch.batch_size)
+
+    def final_lr(self, peak_lr: float) -> float:
+        """Where the cosine schedule ends."""
+        return peak_lr * self.final_lr_fraction
 
     def forward(self, batch, progress: Progress):
         return self.training_step(batch, progress)
@@ -102,7 +140,25 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         pass
 
     def after_step(self, progress: Progress) -> None:
-        pass
+        """Moves every EMA teacher towards its student (`ema_pairs`, `momentum`)."""
+        pairs = self.ema_pairs()
+        if pairs:
+            momentum = self.momentum(progress)
+            for teacher, student in pairs:
+                ema_update_(teacher, student, momentum)
+
+    # EMA teachers (momentum encoders): (teacher, student) module pairs, and the momentum per step
+    ema_base_momentum: float = 0.996
+    ema_cosine: bool = True  # momentum base -> 1 along a half cosine per iteration; False: constant
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    def momentum(self, progress: Progress) -> float:
+        """The EMA momentum after optimizer step `progress.step` (0-based)."""
+        if not self.ema_cosine:
+            return self.ema_base_momentum
+        return cosine_momentum(self.ema_base_momentum, progress.step, progress.total_steps)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return param_groups(self, weight_decay)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import default_backbone
 from models.heads import SwAVHead, SwAVPrototypes
 from models.losses import swapped_prediction_loss, swav_codes, world_size
 from models.methods.base import Method, Progress
@@ -34,6 +33,7 @@ class SwAV(Method):
     final_lr_fraction = 0.001  # 4.8 -> 0.0048 and 0.6 -> 0.0006 upstream
     warmup_start_fraction = 1 / 16  # 0.3 -> 4.8 upstream
     cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 2, "warmup_epochs": 0.0}
+    accepts_local_crops = True
 
     HEAD_PRESETS = {
         "paper": dict(hidden_dim=2048, out_dim=128, n_prototypes=3000),
@@ -62,16 +62,13 @@ class SwAV(Method):
     ):
         """`head_preset` "paper" (2048 / 128 / 3000 prototypes) or "small" (512 / 128 / 512);
         None picks "paper" when `on_gpu`. Explicit dims override the preset."""
-        super().__init__(backbone or default_backbone("cuda" if on_gpu else "cpu"), stem=stem,
-                         feature_dim=feature_dim, backbone_kwargs=backbone_kwargs)
-        head_preset = head_preset or ("paper" if on_gpu else "small")
-        if head_preset not in self.HEAD_PRESETS:
-            known = ", ".join(self.HEAD_PRESETS)
-            raise ValueError(f"unknown swav head_preset {head_preset!r}; known: {known}")
-        sizes = self.HEAD_PRESETS[head_preset]
-        out_dim = out_dim or sizes["out_dim"]
-        self.head = SwAVHead(self.feature_dim, hidden_dim or sizes["hidden_dim"], out_dim)
-        self.prototypes = SwAVPrototypes(out_dim, n_prototypes or sizes["n_prototypes"])
+        super().__init__(backbone, on_gpu=on_gpu, stem=stem, feature_dim=feature_dim,
+                         backbone_kwargs=backbone_kwargs)
+        sizes = self.head_sizes(head_preset, on_gpu, hidden_dim=hidden_dim, out_dim=out_dim,
+                                n_prototypes=n_prototypes)
+        out_dim = sizes["out_dim"]
+        self.head = SwAVHead(self.feature_dim, sizes["hidden_dim"], out_dim)
+        self.prototypes = SwAVPrototypes(out_dim, sizes["n_prototypes"])
         self.temperature = temperature
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations

@@ -1,0 +1,93 @@
+"""MoCo v2 (Chen et al. 2020), as facebookresearch/moco trains it."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.ema import frozen_copy
+from models.heads import mlp
+from models.losses import world_size
+from models.methods.base import Method, Progress
+from models.zoo_losses import gather_with_grad, info_nce_loss, rank
+
+
+class MoCoV2(Method):
+    """Query encoder (backbone -> MLP without BN) against an EMA key encoder and a queue of past keys.
+
+    One direction per step, as upstream: view 1 is the query, view 2 the key. Under DDP the key
+    encoder runs on a batch shuffled across ranks (shuffle-BN): SyncBN needs CUDA, and per-rank BN
+    statistics of the key batch would let queries cheat. In one process BN sees the whole batch and
+    shuffling changes nothing, so it is skipped.
+    """
+
+    name = "mocov2"
+    recipe_preset = "mocov2"
+
+    optimizer = "sgd"
+    base_lr = 0.03  # x global batch / 256
+    weight_decay = 1e-4
+    epochs = 200
+    batch_size = 32  # per GPU: 8 x 32 = 256 upstream
+    multicrop = "2x224"
+    cpu_overrides = {"multicrop": "2x32", "epochs": 2, "batch_size": 64}
+    ema_cosine = False
+
+    HEAD_PRESETS = {"paper": dict(hidden_dim=2048, out_dim=128, queue_length=65536, momentum=0.999),
+                    # a short run on 10k images: a queue of ~half the set, and a key encoder that moves
+                    "small": dict(hidden_dim=512, out_dim=128, queue_length=4096, momentum=0.99)}
+
+    def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True,
+                 head_preset: str | None = None, hidden_dim: int | None = None, out_dim: int | None = None,
+                 queue_length: int | None = None, momentum: float | None = None, temperature: float = 0.2,
+                 **backbone_options):
+        super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
+        sizes = self.head_sizes(head_preset, on_gpu, hidden_dim=hidden_dim, out_dim=out_dim,
+                                queue_length=queue_length, momentum=momentum)
+        self.projector = mlp([self.feature_dim, sizes["hidden_dim"], sizes["out_dim"]], batch_norm=False)
+        self.key_backbone = frozen_copy(self.backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self.ema_base_momentum = sizes["momentum"]
+        self.temperature = temperature
+        self.register_buffer("queue", F.normalize(torch.randn(sizes["queue_length"], sizes["out_dim"]), dim=1))
+        self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
+
+    def ema_pairs(self):
+        return [(self.key_backbone, self.backbone), (self.key_projector, self.projector)]
+
+    def training_step(self, batch, progress: Progress):
+        global_batch = batch.batch_size * world_size()
+        if self.queue.shape[0] % global_batch:
+            raise ValueError(f"mocov2 queue_length {self.queue.shape[0]} is not a multiple of the global batch "
+                             f"{global_batch}: pick one that is")
+        query_view, key_view = batch.views[0].split(batch.batch_size)
+        queries = self.projector(self.backbone(query_view))
+        with torch.no_grad():
+            keys = self._keys(key_view)
+        # a copy: the enqueue below edits the queue in place, and backward still needs these keys
+        loss = info_nce_loss(queries, keys, self.queue.clone(), self.temperature)
+        self._enqueue(F.normalize(keys.float(), dim=1))
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        if world_size() == 1:
+            return self.key_projector(self.key_backbone(images))
+        everyone = gather_with_grad(images)
+        order = torch.randperm(everyone.shape[0], device=images.device)
+        dist.broadcast(order, src=0)
+        mine = order.view(world_size(), -1)[rank()]
+        keys = gather_with_grad(self.key_projector(self.key_backbone(everyone[mine])))
+        # keys[j] belongs to sample order[j]: put them back in sample order, then take this rank's
+        restored = torch.empty_like(keys)
+        restored[order] = keys
+        return restored.view(world_size(), -1, keys.shape[1])[rank()]
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        everyone = gather_with_grad(keys)
+        start = int(self.queue_position)
+        self.queue[start : start + everyone.shape[0]] = everyone
+        self.queue_position.fill_((start + everyone.shape[0]) % self.queue.shape[0])
