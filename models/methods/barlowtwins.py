@@ -17,13 +17,10 @@ class BarlowTwins(Method):
     name = "barlowtwins"
     recipe_preset = "barlowtwins"
 
-    optimizer = "lars"
-    base_lr = 0.2  # x global batch / 256 for weights; biases and BN get 0.0048 (bias_lr_multiplier)
-    weight_decay = 1e-6
-    warmup_epochs = 10.0
-    epochs = 1000
-    batch_size = 128  # per GPU: 16 x 128 = 2048 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256 for weights; biases and BN get 0.0048
+    # (bias_lr_multiplier); batch_size: per GPU: 16 x 128 = 2048 upstream
+    paper = dict(optimizer="lars", lr=0.2, weight_decay=1e-6, warmup_epochs=10.0, epochs=1000, batch_size=128,
+                 multicrop="2x224")
     final_lr_fraction = 0.001
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "warmup_epochs": 0.0, "batch_size": 64}
 
@@ -42,6 +39,6 @@ class BarlowTwins(Method):
         return param_groups(self, weight_decay, bias_and_norm_lr_multiplier=self.bias_lr_multiplier)
 
     def training_step(self, batch, progress: Progress):
-        z1, z2 = self.projector(self.backbone(batch.views[0])).split(batch.batch_size)
+        z1, z2 = self.two_views(batch, self.backbone, self.projector)
         loss = barlow_twins_loss(z1, z2, self.lambda_)
         return loss, {"loss": loss.detach()}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.backbones import create_backbone, default_backbone, is_vit
-from models.ema import cosine_momentum, ema_update_
+from models.ema import cosine_momentum, ema_update_, frozen_copy
 from models.optim import param_groups
 
 
@@ -45,18 +45,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str]
     recipe_preset: ClassVar[str]
 
-    # Training defaults; on a GPU the paper's, `cpu_overrides` replaces some for CPU runs.
-    optimizer: ClassVar[str] = "sgd"
-    base_lr: ClassVar[float] = 0.05  # at global batch 256, see lr_scaling
-    weight_decay: ClassVar[float] = 1e-4
-    warmup_epochs: ClassVar[float] = 0.0
-    epochs: ClassVar[int] = 100
-    batch_size: ClassVar[int] = 64  # per process
-    multicrop: ClassVar[str] = "2x224"
-    grad_clip: ClassVar[float | None] = None
+    # Training defaults: `paper` is upstream's recipe (GPU runs; keys missing there come from this one),
+    # `cpu_overrides` replaces some for CPU runs and `vit_overrides` for ViT backbones. lr is the base
+    # LR at global batch 256 (see lr_scaling).
+    paper: ClassVar[dict[str, Any]] = dict(optimizer="sgd", lr=0.05, weight_decay=1e-4, warmup_epochs=0.0,
+                                           epochs=100, batch_size=64, multicrop="2x224", grad_clip=None)
     final_lr_fraction: ClassVar[float] = 0.0  # the cosine schedule ends at lr * this
     warmup_start_fraction: ClassVar[float] = 0.0  # the warmup starts at lr * this
     cpu_overrides: ClassVar[dict[str, Any]] = {}
+    vit_overrides: ClassVar[dict[str, Any]] = {}
     # Head widths: "paper" on a GPU, "small" on CPU; explicit keyword arguments override (`head_sizes`)
     HEAD_PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": {}}
     # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
@@ -76,15 +73,9 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         self.backbone = backbone
         self.feature_dim = feature_dim
 
-    # Training defaults that replace the class's for ViT backbones (e.g. AdamW where ResNets use LARS)
-    vit_overrides: ClassVar[dict[str, Any]] = {}
-
     @classmethod
     def defaults(cls, on_gpu: bool, backbone: str | None = None) -> dict[str, Any]:
-        names = ("optimizer", "weight_decay", "warmup_epochs", "epochs", "batch_size", "multicrop",
-                 "grad_clip")
-        values = {name: getattr(cls, name) for name in names}
-        values["lr"] = cls.base_lr
+        values = {**Method.paper, **cls.paper}
         if backbone is not None and cls.vit_overrides and is_vit(backbone):
             values.update(cls.vit_overrides)
         if not on_gpu:
@@ -117,9 +108,13 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """The backbone the kNN monitor evaluates and the export writes (DINO: the teacher's)."""
         return self.backbone
 
-    def two_views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features of the two views, from one forward over both."""
-        return self.backbone(batch.views[0]).split(batch.batch_size)
+    @staticmethod
+    def two_views(batch, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+        """Both views through `modules` in turn (one forward over both), split per view."""
+        x = batch.views[0]
+        for module in modules:
+            x = module(x)
+        return x.split(batch.batch_size)
 
     def final_lr(self, peak_lr: float) -> float:
         """Where the cosine schedule ends."""
@@ -147,12 +142,19 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             for teacher, student in pairs:
                 ema_update_(teacher, student, momentum)
 
-    # EMA teachers (momentum encoders): (teacher, student) module pairs, and the momentum per step
+    # EMA teachers (momentum encoders), declared as (teacher attribute, student attribute) pairs:
+    # `add_teachers` creates them as frozen copies, `after_step` moves them with `momentum`
+    EMA_PAIRS: ClassVar[tuple[tuple[str, str], ...]] = ()
     ema_base_momentum: float = 0.996
     ema_cosine: bool = True  # momentum base -> 1 along a half cosine per iteration; False: constant
 
+    def add_teachers(self, base_momentum: float) -> None:
+        for teacher, student in self.EMA_PAIRS:
+            setattr(self, teacher, frozen_copy(getattr(self, student)))
+        self.ema_base_momentum = base_momentum
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return []
+        return [(getattr(self, teacher), getattr(self, student)) for teacher, student in self.EMA_PAIRS]
 
     def momentum(self, progress: Progress) -> float:
         """The EMA momentum after optimizer step `progress.step` (0-based)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.ema import frozen_copy
 from models.heads import mlp
 from models.methods.base import Method, Progress
 from models.zoo_losses import negative_cosine_loss
@@ -16,14 +15,12 @@ class BYOL(Method):
 
     name = "byol"
     recipe_preset = "byol"
+    EMA_PAIRS = (("target_backbone", "backbone"), ("target_projector", "projector"))
 
-    optimizer = "lars"
-    base_lr = 0.2  # x global batch / 256, for 1000 epochs (0.3 at 300, 0.45 at 40/100)
-    weight_decay = 1.5e-6
-    warmup_epochs = 10.0
-    epochs = 1000
-    batch_size = 128  # per device: 32 x 128 = 4096 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256, for 1000 epochs (0.3 at 300, 0.45 at
+    # 40/100); batch_size: per device: 32 x 128 = 4096 upstream
+    paper = dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10.0, epochs=1000, batch_size=128,
+                 multicrop="2x224")
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "warmup_epochs": 0.0, "batch_size": 64}
 
     HEAD_PRESETS = {"paper": dict(hidden_dim=4096, out_dim=256, momentum=0.996),
@@ -38,17 +35,12 @@ class BYOL(Method):
         hidden, out = sizes["hidden_dim"], sizes["out_dim"]
         self.projector = mlp([self.feature_dim, hidden, out], last_bias=False)
         self.predictor = mlp([out, hidden, out], last_bias=False)
-        self.target_backbone = frozen_copy(self.backbone)
-        self.target_projector = frozen_copy(self.projector)
-        self.ema_base_momentum = sizes["momentum"]
-
-    def ema_pairs(self):
-        return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
+        self.add_teachers(sizes["momentum"])
 
     def training_step(self, batch, progress: Progress):
-        p1, p2 = self.predictor(self.projector(self.backbone(batch.views[0]))).split(batch.batch_size)
+        p1, p2 = self.two_views(batch, self.backbone, self.projector, self.predictor)
         with torch.no_grad():
-            z1, z2 = self.target_projector(self.target_backbone(batch.views[0])).split(batch.batch_size)
+            z1, z2 = self.two_views(batch, self.target_backbone, self.target_projector)
         # ||l2n(p) - l2n(z)||^2 = 2 - 2 cos, summed over both view orders
         loss = 4 + 2 * (negative_cosine_loss(p1, z2) + negative_cosine_loss(p2, z1))
         return loss, {"loss": loss.detach()}

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from models.backbones import is_vit
-from models.ema import frozen_copy
 from models.heads import DINOHead
 from models.methods.base import Method, Progress
 from models.optim import cosine_schedule
@@ -26,16 +25,12 @@ class DINO(Method):
 
     name = "dino"
     recipe_preset = "dino"
+    EMA_PAIRS = (("teacher_backbone", "backbone"), ("teacher_head", "head"))
 
     # the ViT recipe (upstream's default); ResNets get upstream's R50 optimiser (`defaults`)
-    optimizer = "adamw"
-    base_lr = 5e-4  # x global batch / 256
-    weight_decay = 0.04  # cosine to weight_decay_end
-    warmup_epochs = 10.0
-    epochs = 100
-    batch_size = 64
-    multicrop = "2x224+8x96"
-    grad_clip = 3.0
+    # upstream's training recipe (a GPU run); lr: x global batch / 256; weight_decay: cosine to weight_decay_end
+    paper = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10.0, epochs=100, batch_size=64,
+                 multicrop="2x224+8x96", grad_clip=3.0)
     accepts_local_crops = True
     cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 2, "warmup_epochs": 0.0}
 
@@ -68,9 +63,7 @@ class DINO(Method):
                                 out_dim=out_dim)
         self.head = DINOHead(self.feature_dim, sizes["hidden_dim"], sizes["bottleneck_dim"], sizes["out_dim"],
                              norm_last_layer=norm_last_layer)
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_head = frozen_copy(self.head)
-        self.ema_base_momentum = momentum
+        self.add_teachers(momentum)
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.student_temperature = student_temperature
         self.teacher_temperatures = (warmup_teacher_temperature, teacher_temperature,
@@ -83,9 +76,6 @@ class DINO(Method):
     @property
     def eval_backbone(self) -> nn.Module:
         return self.teacher_backbone  # upstream evaluates and releases the teacher
-
-    def ema_pairs(self):
-        return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
 
     def teacher_temperature(self, progress: Progress) -> float:
         epochs = -(-progress.total_steps // progress.steps_per_epoch)
@@ -103,7 +93,7 @@ class DINO(Method):
     def training_step(self, batch, progress: Progress):
         student_out = self.head(torch.cat(self.forward_groups(batch.views)))
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.teacher_backbone(batch.views[0]))
+            teacher_out = self.teacher_head(self.teacher_backbone(batch.views[0]))  # the globals
         temperature = self.teacher_temperature(progress)
         loss = dino_loss(student_out, teacher_out, self.center, self.student_temperature, temperature)
         self.center.copy_(dino_center_update(self.center, teacher_out, self.center_momentum))

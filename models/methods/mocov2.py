@@ -7,7 +7,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.ema import frozen_copy
 from models.heads import mlp
 from models.losses import world_size
 from models.methods.base import Method, Progress
@@ -25,13 +24,10 @@ class MoCoV2(Method):
 
     name = "mocov2"
     recipe_preset = "mocov2"
+    EMA_PAIRS = (("key_backbone", "backbone"), ("key_projector", "projector"))
 
-    optimizer = "sgd"
-    base_lr = 0.03  # x global batch / 256
-    weight_decay = 1e-4
-    epochs = 200
-    batch_size = 32  # per GPU: 8 x 32 = 256 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256; batch_size: per GPU: 8 x 32 = 256 upstream
+    paper = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, epochs=200, batch_size=32, multicrop="2x224")
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "batch_size": 64}
     ema_cosine = False
 
@@ -47,15 +43,10 @@ class MoCoV2(Method):
         sizes = self.head_sizes(head_preset, on_gpu, hidden_dim=hidden_dim, out_dim=out_dim,
                                 queue_length=queue_length, momentum=momentum)
         self.projector = mlp([self.feature_dim, sizes["hidden_dim"], sizes["out_dim"]], batch_norm=False)
-        self.key_backbone = frozen_copy(self.backbone)
-        self.key_projector = frozen_copy(self.projector)
-        self.ema_base_momentum = sizes["momentum"]
+        self.add_teachers(sizes["momentum"])
         self.temperature = temperature
         self.register_buffer("queue", F.normalize(torch.randn(sizes["queue_length"], sizes["out_dim"]), dim=1))
         self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
-
-    def ema_pairs(self):
-        return [(self.key_backbone, self.backbone), (self.key_projector, self.projector)]
 
     def training_step(self, batch, progress: Progress):
         global_batch = batch.batch_size * world_size()

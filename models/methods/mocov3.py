@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from models.backbones import is_vit
-from models.ema import frozen_copy
 from models.heads import mlp
 from models.methods.base import Method, Progress
 from models.zoo_losses import mocov3_loss
@@ -23,14 +22,12 @@ class MoCoV3(Method):
 
     name = "mocov3"
     recipe_preset = "mocov3"
+    EMA_PAIRS = (("momentum_backbone", "backbone"), ("momentum_projector", "projector"))
 
-    optimizer = "lars"
-    base_lr = 0.3  # x global batch / 256 (300 and 1000 epochs; 0.6 for 100)
-    weight_decay = 1e-6
-    warmup_epochs = 10.0
-    epochs = 300
-    batch_size = 128  # per GPU: 32 x 128 = 4096 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256 (300 and 1000 epochs; 0.6 for 100);
+    # batch_size: per GPU: 32 x 128 = 4096 upstream
+    paper = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10.0, epochs=300, batch_size=128,
+                 multicrop="2x224")
     vit_overrides = {"optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40.0}
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "warmup_epochs": 0.0, "batch_size": 64}
     ema_base_momentum = 0.99
@@ -52,17 +49,12 @@ class MoCoV3(Method):
         self.predictor = moco_mlp([out, hidden, out], last_batch_norm=vit)
         if vit and freeze_patch_embed:
             self.backbone.patch_embed.requires_grad_(False)
-        self.momentum_backbone = frozen_copy(self.backbone)
-        self.momentum_projector = frozen_copy(self.projector)
-        self.ema_base_momentum = momentum
+        self.add_teachers(momentum)
         self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
 
-    def ema_pairs(self):
-        return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
-
     def training_step(self, batch, progress: Progress):
-        q1, q2 = self.predictor(self.projector(self.backbone(batch.views[0]))).split(batch.batch_size)
+        q1, q2 = self.two_views(batch, self.backbone, self.projector, self.predictor)
         with torch.no_grad():
-            k1, k2 = self.momentum_projector(self.momentum_backbone(batch.views[0])).split(batch.batch_size)
+            k1, k2 = self.two_views(batch, self.momentum_backbone, self.momentum_projector)
         loss = mocov3_loss(q1, q2, k1, k2, self.temperature)
         return loss, {"loss": loss.detach()}

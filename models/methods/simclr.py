@@ -15,13 +15,10 @@ class SimCLR(Method):
     name = "simclr"
     recipe_preset = "simclr"
 
-    optimizer = "lars"
-    base_lr = 0.3  # x global batch / 256 (= 0.075 * sqrt(4096))
-    weight_decay = 1e-4
-    warmup_epochs = 10.0
-    epochs = 100
-    batch_size = 128  # per GPU: 32 x 128 = 4096 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256 (= 0.075 * sqrt(4096)); batch_size: per
+    # GPU: 32 x 128 = 4096 upstream
+    paper = dict(optimizer="lars", lr=0.3, weight_decay=1e-4, warmup_epochs=10.0, epochs=100, batch_size=128,
+                 multicrop="2x224")
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "warmup_epochs": 0.0, "batch_size": 64}
 
     HEAD_PRESETS = {"paper": dict(hidden_dim=2048, out_dim=128), "small": dict(hidden_dim=512, out_dim=128)}
@@ -38,6 +35,6 @@ class SimCLR(Method):
         self.temperature = temperature
 
     def training_step(self, batch, progress: Progress):
-        z1, z2 = self.projector(self.backbone(batch.views[0])).split(batch.batch_size)
+        z1, z2 = self.two_views(batch, self.backbone, self.projector)
         loss = nt_xent_loss(z1, z2, self.temperature)
         return loss, {"loss": loss.detach()}

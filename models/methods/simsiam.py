@@ -17,12 +17,8 @@ class SimSiam(Method):
     name = "simsiam"
     recipe_preset = "simsiam"
 
-    optimizer = "sgd"
-    base_lr = 0.05  # x global batch / 256
-    weight_decay = 1e-4
-    epochs = 100
-    batch_size = 64  # per GPU: 8 x 64 = 512 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256; batch_size: per GPU: 8 x 64 = 512 upstream
+    paper = dict(optimizer="sgd", lr=0.05, weight_decay=1e-4, epochs=100, batch_size=64, multicrop="2x224")
     cpu_overrides = {"multicrop": "2x32", "epochs": 2}
 
     HEAD_PRESETS = {"paper": dict(dim=2048, predictor_dim=512), "small": dict(dim=512, predictor_dim=128)}

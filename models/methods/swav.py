@@ -23,13 +23,10 @@ class SwAV(Method):
     name = "swav"
     recipe_preset = "swav"
 
-    optimizer = "lars"
-    base_lr = 0.3  # x global batch / 256: 4.8 at the paper's B = 4096 (its B = 256 run used 0.6)
-    weight_decay = 1e-6
-    warmup_epochs = 10.0
-    epochs = 800
-    batch_size = 64  # per GPU, as upstream (64 GPUs x 64 = 4096)
-    multicrop = "2x224+6x96"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256: 4.8 at the paper's B = 4096 (its B = 256
+    # run used 0.6); batch_size: per GPU, as upstream (64 GPUs x 64 = 4096)
+    paper = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10.0, epochs=800, batch_size=64,
+                 multicrop="2x224+6x96")
     final_lr_fraction = 0.001  # 4.8 -> 0.0048 and 0.6 -> 0.0006 upstream
     warmup_start_fraction = 1 / 16  # 0.3 -> 4.8 upstream
     cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 2, "warmup_epochs": 0.0}

@@ -15,13 +15,10 @@ class VICReg(Method):
     name = "vicreg"
     recipe_preset = "vicreg"
 
-    optimizer = "lars"
-    base_lr = 0.2  # x global batch / 256 (B 2048, 1000 epochs; 0.3 at B 512 for 100)
-    weight_decay = 1e-6
-    warmup_epochs = 10.0
-    epochs = 1000
-    batch_size = 64  # per GPU: 32 x 64 = 2048 upstream
-    multicrop = "2x224"
+    # upstream's training recipe (a GPU run); lr: x global batch / 256 (B 2048, 1000 epochs; 0.3 at B 512 for
+    # 100); batch_size: per GPU: 32 x 64 = 2048 upstream
+    paper = dict(optimizer="lars", lr=0.2, weight_decay=1e-6, warmup_epochs=10.0, epochs=1000, batch_size=64,
+                 multicrop="2x224")
     final_lr_fraction = 0.001
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "warmup_epochs": 0.0}
 
@@ -36,6 +33,6 @@ class VICReg(Method):
         self.coefficients = (sim_coeff, std_coeff, cov_coeff)
 
     def training_step(self, batch, progress: Progress):
-        x, y = self.projector(self.backbone(batch.views[0])).split(batch.batch_size)
+        x, y = self.two_views(batch, self.backbone, self.projector)
         loss = vicreg_loss(x, y, *self.coefficients)
         return loss, {"loss": loss.detach()}
