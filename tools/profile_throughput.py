@@ -1,68 +1,288 @@
-"""Measure the input stack stage by stage, on the same shards and cores, in one run.
+"""Where the time of a training step goes: every stage measured in one run, on the same shards and cores.
 
-    python tools/profile_throughput.py --method swav --multicrop 2x224+6x96 --data shards/fashion-mnist-train-10k
+    python tools/profile_throughput.py --method swav --multicrop 2x224+6x96 --data shards/bench-2k
 
 Stages: (1) read only, (2) read + decode, (3) + geometric crops (DALI), (4) + the photometric recipe on
-the training device (the full input stack, as train.py sees it). Warm-up batches are excluded; each
-stage is timed over several repetitions and the median is reported, with each stage's throughput as
-a fraction of the decode-only ceiling.
+the training device (the full input stack, as train.py sees it), (5) the model's forward/backward and
+optimizer step on synthetic tensors of the recipe's shapes, (6) end-to-end training steps (4 feeding 5),
+and (7) the peer baseline: the same recipe through a PyTorch DataLoader with PIL/torchvision transforms
+and one worker per core (lightly's SwaVTransform / DINOTransform for those methods when lightly is
+installed). Stage (4) is also broken down per photometric op. Warm-up batches are excluded; each stage
+is timed over several repetitions and the median is reported. `--json` and `--png` write the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from pipelines.dali_stage import DaliConfig, build_pipeline  # noqa: E402
+from pipelines.photometric import PhotometricStage  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, ShardError, open_shard_set  # noqa: E402
-from pipelines.spec import RecipeError, preset  # noqa: E402
+from pipelines.spec import Photometric, RecipeError, preset  # noqa: E402
 from pipelines.stack import InputStack  # noqa: E402
 
+STAGES = ("1 read", "2 read+decode", "3 + crops (DALI)", "4 + photometric (input stack)", "5 model step",
+          "6 end-to-end training", "7 peer baseline (DataLoader + PIL)")
 
-def _time_batches(next_batch, warmup: int, batches: int, repeats: int) -> list[float]:
-    """Seconds per batch, one median-able value per repetition."""
-    for _ in range(warmup):
+
+@dataclasses.dataclass
+class Settings:
+    batch_size: int
+    threads: int
+    warmup: int
+    batches: int
+    repeats: int
+    device: torch.device
+
+
+def time_batches(next_batch, settings: Settings) -> float:
+    """Median seconds per batch over `repeats` runs of `batches` calls, after `warmup` calls."""
+    for _ in range(settings.warmup):
         next_batch()
     per_repeat = []
-    for _ in range(repeats):
+    for _ in range(settings.repeats):
+        if settings.device.type == "cuda":
+            torch.cuda.synchronize()
         started = time.perf_counter()
-        for _ in range(batches):
+        for _ in range(settings.batches):
             next_batch()
-        per_repeat.append((time.perf_counter() - started) / batches)
-    return per_repeat
+        if settings.device.type == "cuda":
+            torch.cuda.synchronize()
+        per_repeat.append((time.perf_counter() - started) / settings.batches)
+    return statistics.median(per_repeat)
 
 
-def profile(recipe, shards, batch_size: int, threads: int, warmup: int, batches: int, repeats: int, device) -> dict:
-    config = DaliConfig(batch_size=batch_size, num_threads=threads, seed=0)
-    results = {}
-    for stage, label in (("read", "1 read"), ("decode", "2 read+decode"), ("crop", "3 + crops (DALI)")):
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def input_stages(recipe, shards, settings: Settings) -> dict[str, float]:
+    config = DaliConfig(batch_size=settings.batch_size, num_threads=settings.threads, seed=0)
+    seconds = {}
+    for stage, label in zip(("read", "decode", "crop"), STAGES[:3]):
         pipe = build_pipeline(recipe, shards, config, upto=stage)
-        results[label] = _time_batches(pipe.run, warmup, batches, repeats)
+        seconds[label] = time_batches(pipe.run, settings)
         del pipe
-    stack = InputStack(recipe, shards, batch_size, seed=0, device=device, num_threads=threads)
-    results["4 + photometric (input stack)"] = _time_batches(lambda: next(stack), warmup, batches, repeats)
-    return {
-        stage: {"seconds_per_batch": statistics.median(values), "images_per_second": batch_size / statistics.median(values)}
-        for stage, values in results.items()
-    }
+    stack = InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
+                       num_threads=settings.threads)
+    seconds[STAGES[3]] = time_batches(lambda: next(stack), settings)
+    return seconds
 
 
-def print_table(results: dict, batch_size: int) -> None:
-    ceiling = results["2 read+decode"]["images_per_second"]
-    print(f"{'stage':34s} {'images/s':>10s} {'ms/batch':>10s} {'of decode':>10s}")
-    for stage, row in results.items():
-        share = row["images_per_second"] / ceiling
-        print(f"{stage:34s} {row['images_per_second']:10.1f} {1000 * row['seconds_per_batch']:10.1f} {share:10.1%}")
-    print(f"(batch {batch_size}; images/s counts source images, each yielding every view of the recipe)")
+def _only(photometric: Photometric, op: str | None) -> Photometric:
+    """`photometric` with every op but `op` switched off (None: all off, normalisation only)."""
+    keep = {"jitter": "jitter_p", "grayscale": "grayscale_p", "blur": "blur_p", "solarize": "solarize_p"}
+    return dataclasses.replace(photometric, **{field: getattr(photometric, field) if name == op else 0.0
+                                               for name, field in keep.items()})
+
+
+def photometric_breakdown(recipe, settings: Settings) -> dict[str, float]:
+    """Seconds per batch of each photometric op alone on the recipe's crop shapes (uint8 -> float and
+    normalisation counted once, under "convert + normalise"; each op's row is its cost on top)."""
+    generator = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (group.count * settings.batch_size, 3, group.size, group.size),
+                           dtype=torch.uint8, generator=generator).to(settings.device) for group in recipe.groups]
+
+    def seconds_with(op: str | None) -> float:
+        variant = dataclasses.replace(recipe, groups=tuple(
+            dataclasses.replace(g, photometric=tuple(_only(p, op) for p in g.photometric)) for g in recipe.groups))
+        stage = PhotometricStage(variant, settings.device, torch.Generator(settings.device).manual_seed(0))
+        return time_batches(lambda: [stage(c.clone(), i) for i, c in enumerate(crops)], settings)
+
+    base = seconds_with(None)
+    used = {op for g in recipe.groups for p in g.photometric
+            for op, on in (("jitter", p.jitter_p), ("grayscale", p.grayscale_p), ("blur", p.blur_p),
+                           ("solarize", p.solarize_p)) if on > 0}
+    breakdown = {"convert + normalise": base}
+    for op in ("jitter", "grayscale", "blur", "solarize"):
+        if op in used:
+            breakdown[op] = max(seconds_with(op) - base, 0.0)
+    return breakdown
+
+
+def _method_and_optimizer(method_name: str, recipe, device: torch.device):
+    import train
+    from models.backbones import default_backbone
+    from models.methods import create_method, method_class
+    from models.optim import build_optimizer
+
+    on_gpu = device.type == "cuda"
+    backbone = default_backbone(device.type)
+    defaults = method_class(method_name).defaults(on_gpu, backbone)
+    stem = train.default_stem(backbone, recipe.groups[0].size, on_gpu)
+    method = create_method(method_name, backbone=backbone, stem=stem, on_gpu=on_gpu).to(device)
+    optimizer = build_optimizer(defaults["optimizer"], method.param_groups(defaults["weight_decay"]), lr=1e-3)
+    return method, optimizer, f"{backbone} ({stem} stem)"
+
+
+def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
+    from models.methods import Progress
+
+    progress = Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total)
+    loss, _ = method(batch, progress)
+    loss.backward()
+    method.before_optimizer_step(progress)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step(progress)
+
+
+def model_stages(method_name: str, recipe, shards, settings: Settings) -> tuple[dict[str, float], str]:
+    method, optimizer, model = _method_and_optimizer(method_name, recipe, settings.device)
+    views = [torch.randn(g.count * settings.batch_size, 3, g.size, g.size, device=settings.device)
+             for g in recipe.groups]
+    synthetic = SimpleNamespace(views=views, batch_size=settings.batch_size,
+                                counts=[g.count for g in recipe.groups])
+    counter = iter(range(10**9))
+    seconds = {STAGES[4]: time_batches(lambda: _train_step(method, optimizer, synthetic, next(counter)), settings)}
+    stack = InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
+                       num_threads=settings.threads)
+    seconds[STAGES[5]] = time_batches(lambda: _train_step(method, optimizer, next(stack), next(counter)), settings)
+    return seconds, model
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def torchvision_views(recipe):
+    """The recipe as torchvision transforms on PIL images: one Compose per view."""
+    from torchvision import transforms as T
+
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+             "nearest": T.InterpolationMode.NEAREST, "lanczos": T.InterpolationMode.LANCZOS}
+    composes = []
+    for group in recipe.groups:
+        for view in range(group.count):
+            p = group.view_photometric(view)
+            kernel = 2 * round(group.size * 0.05) + 1  # ~10 % of the crop, as SimCLR/BYOL size it
+            steps = [T.RandomResizedCrop(group.size, scale=group.scale, ratio=group.ratio,
+                                         interpolation=modes[group.interpolation]),
+                     T.RandomHorizontalFlip(group.flip_p),
+                     T.RandomApply([T.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)], p=p.jitter_p),
+                     T.RandomGrayscale(p.grayscale_p),
+                     T.RandomApply([T.GaussianBlur(kernel, sigma=p.blur_sigma)], p=p.blur_p),
+                     T.RandomSolarize(128, p=p.solarize_p),
+                     T.ToTensor()]
+            if recipe.mean is not None:
+                steps.append(T.Normalize(recipe.mean, recipe.std))
+            composes.append(T.Compose(steps))
+    return composes
+
+
+def peer_transform(recipe):
+    """(name, callable PIL image -> list of view tensors): lightly's transform when it exists for the
+    recipe and lightly is installed, else the recipe in torchvision."""
+    sizes = [g.size for g in recipe.groups]
+    counts = [g.count for g in recipe.groups]
+    try:
+        if recipe.name == "swav":
+            from lightly.transforms import SwaVTransform
+
+            return "lightly SwaVTransform", SwaVTransform(
+                crop_sizes=tuple(sizes), crop_counts=tuple(counts),
+                crop_min_scales=tuple(g.scale[0] for g in recipe.groups),
+                crop_max_scales=tuple(g.scale[1] for g in recipe.groups))
+        if recipe.name == "dino" and len(sizes) == 2 and counts[0] == 2:
+            from lightly.transforms import DINOTransform
+
+            return "lightly DINOTransform", DINOTransform(
+                global_crop_size=sizes[0], global_crop_scale=recipe.groups[0].scale, local_crop_size=sizes[1],
+                local_crop_scale=recipe.groups[1].scale, n_local_views=counts[1])
+    except ImportError:
+        pass
+    views = torchvision_views(recipe)
+    return "torchvision (the recipe)", lambda image: [view(image) for view in views]
+
+
+def _first_image(sample: dict):
+    for extension in ("jpg", "jpeg", "png", "webp"):
+        if extension in sample:
+            return sample[extension]
+    raise KeyError(f"no image member in sample {sample.get('__key__')}")
+
+
+def baseline_stage(recipe, shards, settings: Settings) -> tuple[float, str]:
+    import webdataset as wds
+
+    name, transform = peer_transform(recipe)
+    urls = [str(path) for path in shards.tars]
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+                              workersplitter=wds.split_by_worker, empty_check=False)
+               .repeat().shuffle(1000).decode("pil").map(lambda sample: transform(_first_image(sample))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.threads,
+                                         persistent_workers=settings.threads > 0, prefetch_factor=2)
+    iterator = iter(loader)
+    seconds = time_batches(lambda: next(iterator), settings)
+    del iterator, loader
+    return seconds, f"{name}, DataLoader with {settings.threads} workers"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(results: dict) -> list[str]:
+    stages, batch = results["stages"], results["batch_size"]
+    ceiling = stages[STAGES[1]]["seconds_per_batch"]
+    step = stages.get(STAGES[5], {}).get("seconds_per_batch")
+    lines = [f"{'stage':40s} {'images/s':>10s} {'ms/batch':>10s} {'vs decode':>10s} {'of a step':>10s}"]
+    for stage, row in stages.items():
+        of_step = f"{row['seconds_per_batch'] / step:10.0%}" if step and stage.startswith(("4", "5")) else " " * 10
+        lines.append(f"{stage:40s} {row['images_per_second']:10.1f} {1000 * row['seconds_per_batch']:10.1f} "
+                     f"{ceiling / row['seconds_per_batch']:10.1%} {of_step}")
+    if "photometric_ops" in results:
+        lines.append("stage 4 per photometric op (ms/batch):  " + ",  ".join(
+            f"{op} {1000 * s:.1f}" for op, s in results["photometric_ops"].items()))
+    for line in verdict(results):
+        lines.append(line)
+    lines.append(f"(batch {batch}; images/s counts source images, each yielding every view of the recipe)")
+    return lines
+
+
+def verdict(results: dict) -> list[str]:
+    stages = results["stages"]
+    rate = {stage: row["images_per_second"] for stage, row in stages.items()}
+    lines = []
+    if STAGES[6] in rate:
+        lines.append(f"input stack vs peer baseline: {rate[STAGES[3]] / rate[STAGES[6]]:.2f}x")
+    lines.append(f"input stack vs decode-only ceiling: {rate[STAGES[3]] / rate[STAGES[1]]:.1%}")
+    if STAGES[4] in rate and STAGES[5] in rate:
+        slower = min(rate[STAGES[3]], rate[STAGES[4]])
+        bottleneck = "the input stack" if rate[STAGES[3]] < rate[STAGES[4]] else "the model"
+        lines.append(f"bottleneck: {bottleneck}; end-to-end reaches {rate[STAGES[5]] / slower:.0%} of the slower "
+                     f"of stages 4 and 5")
+    return lines
+
+
+def write_png(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = results["stages"]
+    names, rates = list(stages), [row["images_per_second"] for row in stages.values()]
+    figure, axis = plt.subplots(figsize=(9, 0.5 * len(names) + 1.2))
+    axis.barh(names[::-1], rates[::-1], color="tab:blue")
+    axis.set_xscale("log")
+    axis.set_xlabel("images/s (log scale)")
+    axis.set_title(f"{results['method']} {results['multicrop']}, batch {results['batch_size']}, "
+                   f"{results['threads']} threads, {results['device']}", fontsize=9)
+    for y, rate in enumerate(rates[::-1]):
+        axis.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main(argv=None) -> int:
@@ -71,29 +291,54 @@ def main(argv=None) -> int:
     parser.add_argument("--multicrop", default=None, help="override the crops, e.g. 2x224+6x96")
     parser.add_argument("--data", default=str(DEMO_TRAIN))
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="DALI threads, torch threads and baseline workers (default: all cores)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, default=10, help="timed batches per repetition")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up, 2 batches, 2 repetitions (a smoke run)")
+    parser.add_argument("--skip", default="", help="comma-separated stage numbers to skip, e.g. 5,6")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--png", default=None, help="also draw them here (a bar chart)")
     args = parser.parse_args(argv)
     try:
         recipe = preset(args.method)
         if args.multicrop:
             recipe = recipe.with_multicrop(args.multicrop)
         shards = open_shard_set(args.data)
+        skip = {int(n) for n in args.skip.split(",") if n.strip()}
     except (RecipeError, ShardError) as error:
         print(f"profile_throughput: error: {error}", file=sys.stderr)
         return 2
+    except ValueError:
+        print(f"profile_throughput: error: --skip {args.skip!r}: give stage numbers such as 5,6", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.warmup, args.batches, args.repeats = 1, 2, 2
     torch.set_num_threads(args.threads)
-    results = profile(recipe, shards, args.batch_size, args.threads, args.warmup, args.batches, args.repeats, args.device)
+    settings = Settings(args.batch_size, args.threads, args.warmup, args.batches, args.repeats,
+                        torch.device(args.device))
+    seconds = input_stages(recipe, shards, settings)
+    results = {"method": recipe.name, "multicrop": recipe.multicrop, "data": str(shards.root),
+               "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
+               "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))}
+    results["photometric_ops"] = photometric_breakdown(recipe, settings)
+    if not {5, 6} <= skip:
+        model_seconds, results["model"] = model_stages(args.method, recipe, shards, settings)
+        seconds.update({k: v for k, v in model_seconds.items() if int(k[0]) not in skip})
+    if 7 not in skip:
+        seconds[STAGES[6]], results["baseline"] = baseline_stage(recipe, shards, settings)
+    results["stages"] = {stage: {"seconds_per_batch": s, "images_per_second": args.batch_size / s}
+                         for stage, s in seconds.items()}
     print(f"{recipe.name} {recipe.multicrop} on {shards.root} ({args.threads} threads, {args.device})")
-    print_table(results, args.batch_size)
+    if "model" in results:
+        print(f"model: {results['model']}; baseline: {results.get('baseline', 'skipped')}")
+    print("\n".join(report(results)))
     if args.json:
-        report = {"method": recipe.name, "multicrop": recipe.multicrop, "data": str(shards.root),
-                  "batch_size": args.batch_size, "threads": args.threads, "device": args.device, "stages": results}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.png:
+        write_png(results, Path(args.png))
     return 0
 
 

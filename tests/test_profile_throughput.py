@@ -1,0 +1,50 @@
+"""tools/profile_throughput.py in its short mode on the demo shards: every stage, the JSON, the chart,
+and the speed regression check as a ratio measured in the same run (never an absolute time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.profile_throughput import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_profile_reports_every_stage_and_the_stack_beats_the_peer_loader(tmp_path):
+    json_path, png_path = tmp_path / "profile.json", tmp_path / "profile.png"
+    result = subprocess.run(
+        [sys.executable, "tools/profile_throughput.py", "--method", "swav", "--multicrop", "2x32+4x16",
+         "--batch-size", "16", "--threads", "1", "--quick", "--json", str(json_path), "--png", str(png_path)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(json_path.read_text())
+    assert list(report["stages"]) == list(STAGES)
+    for stage, row in report["stages"].items():
+        assert row["images_per_second"] > 0 and row["seconds_per_batch"] > 0, stage
+    assert {"convert + normalise", "jitter", "grayscale", "blur"} <= set(report["photometric_ops"])
+    assert "solarize" not in report["photometric_ops"]  # swav has none
+    assert png_path.stat().st_size > 10_000
+    assert "bottleneck:" in result.stdout and "input stack vs peer baseline" in result.stdout
+    # regression check: on small crops the stack measures ~8x the DataLoader + PIL peer on one core; a
+    # 2x floor leaves room for a noisy CI machine while still catching a stack that lost its edge
+    rate = {stage: row["images_per_second"] for stage, row in report["stages"].items()}
+    assert rate[STAGES[3]] > 2 * rate[STAGES[6]]
+    # the input stack never runs faster than its own DALI part
+    assert rate[STAGES[3]] <= rate[STAGES[2]] * 1.5
+
+
+def test_a_bad_method_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "tools/profile_throughput.py", "--method", "nope"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "profile_throughput: error: no recipe preset for method 'nope'; known: barlowtwins, byol, dino, mae, "
+        "mocov2, mocov3, sim, simclr, simsiam, swav, vicreg"]
