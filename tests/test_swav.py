@@ -173,7 +173,7 @@ def test_swav_loss_rejects_impossible_crop_counts():
 def test_training_step_on_a_small_resnet_runs_one_backbone_forward_per_group():
     torch.manual_seed(0)
     method = create_method("swav", backbone="resnet18", stem="cifar", on_gpu=False)
-    assert method.prototypes.weight.shape == (512, 128) and method.prototypes.bias is None
+    assert method.prototypes.weight.shape == (64, 128) and method.prototypes.bias is None
     forwards = []
     method.backbone.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape))
     batch = random_views(4, [(2, 32), (4, 16)])
@@ -290,6 +290,11 @@ def test_defaults_follow_the_paper_on_gpu_and_shrink_on_cpu():
     assert paper.prototypes.weight.shape == (3000, 128)
     assert paper.head.projection[0].out_features == 2048
     assert paper.temperature == 0.1 and paper.epsilon == 0.05 and paper.sinkhorn_iterations == 3
+    assert paper.freeze_prototypes_steps is None  # one epoch, whatever its length
+    small = SwAV("resnet18", on_gpu=False)
+    assert small.prototypes.weight.shape == (64, 128) and small.epsilon == 0.03
+    assert small.freeze_prototypes_steps == 20 and cpu["lr"] == 4.8
+    assert SwAV("resnet18", on_gpu=False, epsilon=0.05, n_prototypes=100).epsilon == 0.05
     assert SwAV.recipe_preset == "swav"
     # upstream applies LARC and weight decay to every parameter
     groups = paper.param_groups(1e-6)
