@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     progress_bar.close()
     if step == total_steps and accelerator.is_main_process:
         path = run.export_backbone(model.eval_backbone, config,
-                                   parse_options(config.backbone_options, "--backbone-options"))
+                                   parse_options(config.backbone_options, "--backbone-options"),
+                                   input_size=recipe.groups[0].size)
         accelerator.print(f"backbone written to {path}")
     logger.close()
     if keys_log:

@@ -184,8 +184,10 @@ class RunCheckpoints:
         accelerator.print(f"resumed from {path} at step {meta['step']}")
         return meta["step"]
 
-    def export_backbone(self, backbone: torch.nn.Module, config, model_kwargs: dict | None = None) -> Path:
-        """backbone.safetensors and backbone.json: the timm name, stem and `timm.create_model` kwargs."""
+    def export_backbone(self, backbone: torch.nn.Module, config, model_kwargs: dict | None = None,
+                        input_size: int | None = None) -> Path:
+        """backbone.safetensors and backbone.json: the timm name, stem, `timm.create_model` kwargs and
+        the input size it was trained at (the first crop size)."""
         from safetensors.torch import save_file
 
         path = self.root / "backbone.safetensors"
@@ -194,7 +196,8 @@ class RunCheckpoints:
         save_file(state, str(temporary))
         os.replace(temporary, path)
         info = {"timm_name": config.backbone, "method": config.method, "file": path.name,
-                "stem": getattr(backbone, "stem", "standard"), "model_kwargs": model_kwargs or {}}
+                "stem": getattr(backbone, "stem", "standard"), "model_kwargs": model_kwargs or {},
+                "input_size": input_size}
         _atomic_write_text(self.root / "backbone.json", json.dumps(info, indent=2))
         return path
 

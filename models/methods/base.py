@@ -103,10 +103,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         sizes.update({key: value for key, value in given.items() if value is not None})
         return sizes
 
+    # the attribute holding the backbone that the kNN monitor evaluates and the export writes
+    EVAL_BACKBONE: ClassVar[str] = "backbone"
+
     @property
     def eval_backbone(self) -> nn.Module:
-        """The backbone the kNN monitor evaluates and the export writes (DINO: the teacher's)."""
-        return self.backbone
+        return getattr(self, self.EVAL_BACKBONE)
 
     @staticmethod
     def two_views(batch, *modules: nn.Module) -> tuple[torch.Tensor, ...]:

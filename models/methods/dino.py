@@ -26,6 +26,7 @@ class DINO(Method):
     name = "dino"
     recipe_preset = "dino"
     EMA_PAIRS = (("teacher_backbone", "backbone"), ("teacher_head", "head"))
+    EVAL_BACKBONE = "teacher_backbone"  # upstream evaluates and releases the teacher
 
     # the ViT recipe (upstream's default); ResNets get upstream's R50 optimiser (`defaults`)
     # upstream's training recipe (a GPU run); lr: x global batch / 256; weight_decay: cosine to weight_decay_end
@@ -72,10 +73,6 @@ class DINO(Method):
         self.weight_decay_end = weight_decay_end if weight_decay_end is not None else (
             0.4 if is_vit(self.backbone) else None)
         self.register_buffer("center", torch.zeros(1, sizes["out_dim"]))
-
-    @property
-    def eval_backbone(self) -> nn.Module:
-        return self.teacher_backbone  # upstream evaluates and releases the teacher
 
     def teacher_temperature(self, progress: Progress) -> float:
         epochs = -(-progress.total_steps // progress.steps_per_epoch)

@@ -1,0 +1,65 @@
+"""tools/eval_knn.py on a real short run: export and checkpoint give the same answer; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import DATA, assert_ok, train
+from tools.eval_knn import main, top_k_accuracies
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_k_accuracies_on_known_scores():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([0, 2, 2])
+    top1, top5 = top_k_accuracies(scores, labels)
+    assert top1 == pytest.approx(100 / 3) and top5 == pytest.approx(100.0)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("eval")
+    assert_ok(train("--max-steps", 2, "--checkpoint-every", 2, "--output-dir", output, "--name", "run"))
+    return output / "run"
+
+
+@pytest.mark.slow
+def test_knn_of_the_export_and_of_the_checkpoint_agree(short_run, tmp_path, capsys):
+    info = json.loads((short_run / "backbone.json").read_text())
+    assert info["input_size"] == 32 and info["model_kwargs"] == {}
+    runs = []
+    for source in (short_run, short_run / "checkpoints" / "step-00000002"):
+        out = tmp_path / f"{len(runs)}.json"
+        assert main([str(source), "--train", DATA, "--val", DATA, "--k", "1", "20", "--json", str(out)]) == 0
+        runs.append(json.loads(out.read_text()))
+    assert runs[0]["k"] == runs[1]["k"]
+    # the bank is the query set: with k = 1 every query finds itself (an exact duplicate could differ)
+    assert runs[0]["k"]["1"]["top1"] > 99.5 and runs[0]["input_size"] == 32
+    assert runs[0]["k"]["20"]["top5"] >= runs[0]["k"]["20"]["top1"] > 10
+
+
+@pytest.mark.slow
+def test_a_backbone_that_does_not_fit_and_unlabeled_shards_are_one_line_errors(short_run, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    info = json.loads((short_run / "backbone.json").read_text())
+    (wrong / "backbone.json").write_text(json.dumps({**info, "timm_name": "resnet18",
+                                                       "file": str(short_run / info["file"])}))
+    unlabeled = tmp_path / "unlabeled"
+    subprocess.run([sys.executable, "tools/make_benchmark_set.py", str(unlabeled), "--count", "2"], cwd=ROOT,
+                   check=True, capture_output=True)
+    for args, fragment in (([str(wrong)], "does not fit resnet18"),
+                           ([str(short_run), "--val", str(unlabeled)], "unlabeled"),
+                           ([str(tmp_path)], "neither a run directory")):
+        result = subprocess.run([sys.executable, "tools/eval_knn.py", *args, "--train", DATA], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("eval_knn: error:"), result.stderr
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,142 @@
+"""Weighted kNN on frozen features of a trained backbone (the DINO protocol: cosine, k = 20 and 200, T = 0.07).
+
+    python tools/eval_knn.py runs/swav-x                                  # a run (its backbone.json)
+    python tools/eval_knn.py runs/swav-x/checkpoints/step-00000312        # a checkpoint
+    python tools/eval_knn.py runs/swav-x --train shards/fm-train --val shards/fm-test --k 20 200
+
+Features come from the input stack with an evaluation recipe: each image once, un-augmented; crops
+of 64 px or less see the whole image, larger ones resize 256 / centre-crop 224 (in proportion), at the
+size the backbone was trained at (`--size` overrides). The train shards are the memory bank; top-1 and
+top-5 are reported on the val shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from models.knn import knn_predict  # noqa: E402
+from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
+
+PROG = "eval_knn"
+
+
+class EvalError(Exception):
+    pass
+
+
+def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(backbone in eval mode, info: timm_name, stem, model_kwargs, input_size, method) from a run
+    directory or its backbone.json (the export), or from a checkpoint directory (meta.json)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.backbones import create_backbone
+    from models.methods import method_class
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        path = path.parent
+    if (path / "meta.json").is_file():  # a checkpoint: the method's evaluation backbone out of the model
+        config = json.loads((path / "meta.json").read_text())["config"]
+        from train import parse_options
+
+        info = {"timm_name": config["backbone"], "stem": config["stem"], "method": config["method"],
+                "model_kwargs": parse_options(config.get("backbone_options"), "--backbone-options"),
+                "input_size": _first_crop_size(config["multicrop"])}
+        prefix = method_class(config["method"]).EVAL_BACKBONE + "."
+        weights_file = path / "model.safetensors"
+    elif (path / "backbone.json").is_file():
+        info = json.loads((path / "backbone.json").read_text())
+        prefix, weights_file = "", path / info["file"]
+    else:
+        raise EvalError(f"{path}: neither a run directory with backbone.json nor a checkpoint directory "
+                        f"with meta.json (train.py writes both)")
+    try:
+        state = load_file(str(weights_file))
+    except (OSError, SafetensorError) as error:
+        raise EvalError(f"{weights_file}: cannot read the weights ({error})") from None
+    if prefix:
+        state = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    try:
+        backbone, _ = create_backbone(info["timm_name"], stem=info.get("stem", "standard"),
+                                      **(info.get("model_kwargs") or {}))
+        backbone.load_state_dict(state)
+    except (ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise EvalError(f"{weights_file}: does not fit {info['timm_name']} ({info.get('stem')} stem): {first}") from None
+    return backbone.eval(), info
+
+
+def _first_crop_size(multicrop: str) -> int:
+    return int(multicrop.split("+")[0].split("@")[0].split("x")[1])
+
+
+def top_k_accuracies(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    top1 = (top5[:, 0] == labels).float().mean().item() * 100
+    return top1, (top5 == labels[:, None]).any(dim=1).float().mean().item() * 100
+
+
+def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07, size=None, batch_size=256,
+             device="cpu") -> dict:
+    from models.methods import method_class
+    from pipelines.spec import preset
+    from train import extract_features
+
+    backbone, info = load_backbone(backbone_path)
+    train_shards = open_shard_set(train_data, need_labels=True)
+    val_shards = open_shard_set(val_data, need_labels=True)
+    if train_shards.classes != val_shards.classes:
+        raise EvalError(f"--train {train_data} and --val {val_data} have different classes")
+    size = size or info.get("input_size") or 224
+    # the method's preset gives the normalisation it trained with; the evaluation recipe keeps only that
+    recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
+    backbone = backbone.to(device)
+    with torch.no_grad():
+        bank, bank_labels = extract_features(backbone, recipe, train_shards, batch_size, torch.device(device))
+        queries, query_labels = extract_features(backbone, recipe, val_shards, batch_size, torch.device(device))
+    results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
+               "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature, "k": {}}
+    for k in ks:
+        scores = knn_predict(bank, bank_labels, queries, len(train_shards.classes), k=k, temperature=temperature)
+        top1, top5 = top_k_accuracies(scores, query_labels)
+        results["k"][str(k)] = {"top1": top1, "top5": top5}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory")
+    parser.add_argument("--train", default=str(DEMO_TRAIN), help="labeled shards: the memory bank")
+    parser.add_argument("--val", default=str(DEMO_VAL), help="labeled shards to classify")
+    parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the training crop size)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate(args.backbone, args.train, args.val, args.k, args.temperature, args.size,
+                           args.batch_size, args.device)
+    except (EvalError, ShardError, yaml.YAMLError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{results['timm_name']} at {results['input_size']} px: bank {results['train']}, queries {results['val']}")
+    for k, row in results["k"].items():
+        print(f"k={k:>4} T={args.temperature}: top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
