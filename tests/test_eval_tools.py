@@ -63,3 +63,24 @@ def test_a_backbone_that_does_not_fit_and_unlabeled_shards_are_one_line_errors(s
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("eval_knn: error:"), result.stderr
         assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_plot_run_draws_real_runs_side_by_side(short_run, tmp_path):
+    from tools.plot_run import main as plot_main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text((short_run / "metrics.jsonl").read_text())
+    out = tmp_path / "compare.png"
+    assert plot_main([str(short_run), str(other), "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 500
+
+
+def test_plot_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    from tools.plot_run import main as plot_main
+
+    assert plot_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"plot_run: error: {tmp_path}: no metrics.jsonl (give a run directory written by train.py)"
