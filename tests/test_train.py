@@ -265,8 +265,11 @@ def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
         (["--multicrop", "2x32+x16"], ["--multicrop", "2x32+x16"]),
         (["--data", "{empty}"], ["no shards in", "{empty}"]),
         (["--batch-size", 5000], ["--batch-size 5000", "2000 samples"]),
+        (["--method", "simclr"], ["simclr trains on two views of one size", "2x32@0.08-1+2x16@0.08-1"]),
+        (["--backbone-options", "no_such_option=3"], ["--backbone-options no_such_option=3", "no_such_option"]),
     ],
-    ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data"],
+    ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data",
+         "multicrop-the-method-cannot-use", "backbone-option-timm-rejects"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty = tmp_path / "empty"
