@@ -84,3 +84,33 @@ def test_plot_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
 
     assert plot_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"plot_run: error: {tmp_path}: no metrics.jsonl (give a run directory written by train.py)"
+
+
+def test_linear_probe_converges_on_separable_features():
+    from tools.linear_probe import probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator) * 4
+    labels = torch.arange(400) % 4
+    features = centres[labels] + torch.randn(400, 16, generator=generator)
+    val_labels = torch.arange(100) % 4
+    val = centres[val_labels] + torch.randn(100, 16, generator=generator)
+    result = probe(features, labels, val, val_labels, num_classes=4, weight_decays=(1e-4, 1e-2))
+    assert result["top1"] == 100.0 and result["weight_decay"] in (1e-4, 1e-2)
+    # and random labels cannot be learnt: held-out accuracy stays near chance
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    chance = probe(features, shuffled, val, val_labels[torch.randperm(100, generator=generator)], 4, (1e-2,))
+    assert chance["held_out_top1"][1e-2] < 50
+
+
+@pytest.mark.slow
+def test_linear_probe_on_a_run_caches_its_features(short_run, tmp_path):
+    from tools.linear_probe import main as probe_main
+
+    out = tmp_path / "probe.json"
+    assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3", "--json", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert first["top1"] > 30  # fitted on the very images it is scored on
+    assert len(list((short_run / "linear_probe_cache").glob("*.pt"))) == 1  # train and val are one set here
+    assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["top1"] == first["top1"]

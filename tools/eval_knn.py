@@ -85,24 +85,29 @@ def top_k_accuracies(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float,
     return top1, (top5 == labels[:, None]).any(dim=1).float().mean().item() * 100
 
 
-def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07, size=None, batch_size=256,
-             device="cpu") -> dict:
+@torch.no_grad()
+def extract(backbone, info: dict, shards, size: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample of `shards`, through the evaluation recipe at `size` px with
+    the normalisation of the method the backbone was trained with."""
     from models.methods import method_class
     from pipelines.spec import preset
     from train import extract_features
 
+    recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
+    return extract_features(backbone, recipe, shards, batch_size, torch.device(device))
+
+
+def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07, size=None, batch_size=256,
+             device="cpu") -> dict:
     backbone, info = load_backbone(backbone_path)
     train_shards = open_shard_set(train_data, need_labels=True)
     val_shards = open_shard_set(val_data, need_labels=True)
     if train_shards.classes != val_shards.classes:
         raise EvalError(f"--train {train_data} and --val {val_data} have different classes")
     size = size or info.get("input_size") or 224
-    # the method's preset gives the normalisation it trained with; the evaluation recipe keeps only that
-    recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
     backbone = backbone.to(device)
-    with torch.no_grad():
-        bank, bank_labels = extract_features(backbone, recipe, train_shards, batch_size, torch.device(device))
-        queries, query_labels = extract_features(backbone, recipe, val_shards, batch_size, torch.device(device))
+    bank, bank_labels = extract(backbone, info, train_shards, size, batch_size, device)
+    queries, query_labels = extract(backbone, info, val_shards, size, batch_size, device)
     results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
                "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature, "k": {}}
     for k in ks:

@@ -1,0 +1,135 @@
+"""Linear probe: a linear classifier on frozen features of a trained backbone.
+
+    python tools/linear_probe.py runs/swav-x                       # demo shards: train 10k, val 2k
+    python tools/linear_probe.py runs/swav-x --train shards/fm-train --val shards/fm-test
+
+Protocol: features are extracted once through the input stack's evaluation recipe (as tools/eval_knn.py
+does) and cached next to the backbone (`linear_probe_cache/`), then standardised with the train split's
+mean and std. A multinomial logistic regression is fitted by full-batch L-BFGS; its L2 penalty is chosen
+from `--weight-decays` on a held-out 10% of the train split (stratified by nothing but a seeded shuffle),
+refitted on the whole train split, and scored once on the val split (top-1 and top-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
+from tools.eval_knn import EvalError, extract, load_backbone, top_k_accuracies  # noqa: E402
+
+PROG = "linear_probe"
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                            weight_decay: float, iterations: int = 200) -> torch.nn.Linear:
+    """Multinomial logistic regression, mean cross-entropy + weight_decay/2 * ||W||^2, by L-BFGS."""
+    torch.manual_seed(0)
+    classifier = torch.nn.Linear(features.shape[1], num_classes).to(features.device)
+    torch.nn.init.zeros_(classifier.weight)
+    torch.nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1.0, max_iter=iterations,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(features), labels) + weight_decay / 2 * classifier.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return classifier
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def probe(train_x, train_y, val_x, val_y, num_classes: int, weight_decays=WEIGHT_DECAYS,
+          held_out: float = 0.1, seed: int = 0) -> dict:
+    """Choose the penalty on a held-out part of train, refit on all of train, score val once."""
+    order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))
+    cut = int(train_x.shape[0] * held_out)
+    fit_index, hold_index = order[cut:], order[:cut]
+    sweep = {}
+    for weight_decay in weight_decays:
+        fit_x, hold_x = standardise(train_x[fit_index], train_x[hold_index])
+        classifier = fit_logistic_regression(fit_x, train_y[fit_index], num_classes, weight_decay)
+        with torch.no_grad():
+            sweep[weight_decay] = top_k_accuracies(classifier(hold_x), train_y[hold_index])[0]
+    best = max(sweep, key=lambda wd: (sweep[wd], wd))  # ties: the stronger penalty
+    all_x, val_features = standardise(train_x, val_x)
+    classifier = fit_logistic_regression(all_x, train_y, num_classes, best)
+    with torch.no_grad():
+        top1, top5 = top_k_accuracies(classifier(val_features), val_y)
+    return {"weight_decay": best, "held_out_top1": sweep, "top1": top1, "top5": top5}
+
+
+def cached_features(backbone_path, info, backbone, shards, size, batch_size, device):
+    """Features of `shards` at `size`, cached under the backbone's folder, keyed by the weights and data."""
+    weights = Path(backbone_path) / (info.get("file") or "model.safetensors")
+    key = hashlib.sha1(f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
+                       .encode()).hexdigest()[:16]
+    cache = Path(backbone_path) / "linear_probe_cache" / f"{key}.pt"
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        return stored["features"], stored["labels"]
+    features, labels = extract(backbone, info, shards, size, batch_size, device)
+    cache.parent.mkdir(exist_ok=True)
+    temporary = cache.with_suffix(".tmp")
+    torch.save({"features": features, "labels": labels}, temporary)
+    temporary.replace(cache)
+    return features, labels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory")
+    parser.add_argument("--train", default=str(DEMO_TRAIN), help="labeled shards to fit on")
+    parser.add_argument("--val", default=str(DEMO_VAL), help="labeled shards to score")
+    parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the training crop size)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    try:
+        backbone, info = load_backbone(args.backbone)
+        train_shards = open_shard_set(args.train, need_labels=True)
+        val_shards = open_shard_set(args.val, need_labels=True)
+        if train_shards.classes != val_shards.classes:
+            raise EvalError(f"--train {args.train} and --val {args.val} have different classes")
+    except (EvalError, ShardError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    folder = Path(args.backbone).parent if Path(args.backbone).suffix == ".json" else Path(args.backbone)
+    size = args.size or info.get("input_size") or 224
+    device = torch.device(args.device)
+    backbone = backbone.to(device)
+    train_x, train_y = cached_features(folder, info, backbone, train_shards, size, args.batch_size, device)
+    val_x, val_y = cached_features(folder, info, backbone, val_shards, size, args.batch_size, device)
+    results = probe(train_x.cpu(), train_y.cpu(), val_x.cpu(), val_y.cpu(), len(train_shards.classes),
+                    args.weight_decays)
+    print(f"{info['timm_name']} at {size} px, {train_x.shape[1]}-d features: weight decay {results['weight_decay']:g} "
+          f"(held-out top-1 by weight decay: " + ", ".join(f"{wd:g}: {acc:.1f}" for wd, acc in results["held_out_top1"].items())
+          + ")")
+    print(f"val top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ({val_shards.root})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "backbone": str(args.backbone), "input_size": size,
+                                               "train": str(train_shards.root), "val": str(val_shards.root)},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
