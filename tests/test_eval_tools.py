@@ -114,3 +114,25 @@ def test_linear_probe_on_a_run_caches_its_features(short_run, tmp_path):
     assert len(list((short_run / "linear_probe_cache").glob("*.pt"))) == 1  # train and val are one set here
     assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["top1"] == first["top1"]
+
+
+@pytest.mark.slow
+def test_export_from_a_checkpoint_round_trips_through_timm(short_run, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from tools.export import main as export_main
+
+    out = tmp_path / "exported"
+    assert export_main([str(short_run / "checkpoints" / "step-00000002"), "--out", str(out)]) == 0
+    info = json.loads((out / "backbone.json").read_text())
+    assert (info["timm_name"], info["stem"], info["input_size"]) == ("resnet10t", "standard", 32)
+    model = timm.create_model(info["timm_name"], pretrained=True, num_classes=0, **info["model_kwargs"],
+                              pretrained_cfg_overlay=dict(file=str(out / "backbone.safetensors")))
+    exported = load_file(out / "backbone.safetensors")
+    loaded = model.state_dict()
+    assert exported.keys() == loaded.keys()
+    assert all(torch.equal(exported[name], loaded[name]) for name in exported)
+    # the checkpoint's last step is the run's end: the same weights as train.py's own export
+    final = load_file(short_run / "backbone.safetensors")
+    assert all(torch.equal(exported[name], final[name]) for name in final)
