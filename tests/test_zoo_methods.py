@@ -9,7 +9,6 @@ import shutil
 import socket
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ from torch import nn
 
 from models.ema import cosine_momentum
 from models.methods import METHODS, Progress, create_method
+from models.methods.base import train_step
 from models.methods.dino import teacher_temperature_schedule
 from models.methods.mocov2 import MoCoV2
 from pipelines.spec import preset
@@ -42,13 +42,7 @@ def small(name: str, **options):
 
 def one_step(method, batch, progress: Progress, lr: float = 0.05) -> torch.Tensor:
     optimizer = torch.optim.SGD([p for group in method.param_groups(0.0) for p in group["params"]], lr=lr)
-    loss, _ = method(batch, progress)
-    loss.backward()
-    method.before_optimizer_step(progress)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.after_step(progress)
-    return loss.detach()
+    return train_step(method, optimizer, batch, progress)
 
 
 def progress(step: int = 0, epoch: int = 0, total_steps: int = 100, steps_per_epoch: int = 10) -> Progress:

@@ -117,17 +117,22 @@ def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_feature_arguments(parser: argparse.ArgumentParser, train_help: str, val_help: str) -> None:
+    """The options every frozen-feature evaluation takes (kNN, linear probe)."""
     parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory")
-    parser.add_argument("--train", default=str(DEMO_TRAIN), help="labeled shards: the memory bank")
-    parser.add_argument("--val", default=str(DEMO_VAL), help="labeled shards to classify")
-    parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--train", default=str(DEMO_TRAIN), help=train_help)
+    parser.add_argument("--val", default=str(DEMO_VAL), help=val_help)
     parser.add_argument("--size", type=int, default=None, help="input size (default: the training crop size)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_feature_arguments(parser, train_help="labeled shards: the memory bank", val_help="labeled shards to classify")
+    parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--temperature", type=float, default=0.07)
     args = parser.parse_args(argv)
     try:
         results = evaluate(args.backbone, args.train, args.val, args.k, args.temperature, args.size,

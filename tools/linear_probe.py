@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
-from tools.eval_knn import EvalError, extract, load_backbone, top_k_accuracies  # noqa: E402
+from pipelines.shards import ShardError, open_shard_set  # noqa: E402
+from tools.eval_knn import EvalError, add_feature_arguments, extract, load_backbone, top_k_accuracies  # noqa: E402
 
 PROG = "linear_probe"
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -94,14 +94,8 @@ def cached_features(backbone_path, info, backbone, shards, size, batch_size, dev
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory")
-    parser.add_argument("--train", default=str(DEMO_TRAIN), help="labeled shards to fit on")
-    parser.add_argument("--val", default=str(DEMO_VAL), help="labeled shards to score")
+    add_feature_arguments(parser, train_help="labeled shards to fit on", val_help="labeled shards to score")
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
-    parser.add_argument("--size", type=int, default=None, help="input size (default: the training crop size)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     try:
         backbone, info = load_backbone(args.backbone)

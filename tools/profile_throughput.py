@@ -128,14 +128,9 @@ def _method_and_optimizer(method_name: str, recipe, device: torch.device):
 
 def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
     from models.methods import Progress
+    from models.methods.base import train_step
 
-    progress = Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total)
-    loss, _ = method(batch, progress)
-    loss.backward()
-    method.before_optimizer_step(progress)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.after_step(progress)
+    train_step(method, optimizer, batch, Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total))
 
 
 def model_stages(method_name: str, recipe, shards, settings: Settings) -> tuple[dict[str, float], str]:
@@ -224,7 +219,6 @@ def baseline_stage(recipe, shards, settings: Settings) -> tuple[float, str]:
                                          persistent_workers=settings.threads > 0, prefetch_factor=2)
     iterator = iter(loader)
     seconds = time_batches(lambda: next(iterator), settings)
-    del iterator, loader
     return seconds, f"{name}, DataLoader with {settings.threads} workers"
 
 

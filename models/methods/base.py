@@ -173,3 +173,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def weight_decay_schedule(self, weight_decay: float, total_steps: int) -> np.ndarray | None:
         """Per-iteration weight decay, or None for a constant one."""
         return None
+
+
+def train_step(method: Method, optimizer: torch.optim.Optimizer, batch, progress: Progress) -> torch.Tensor:
+    """One step in the loop's order (see the module docstring), without Accelerate: for tools and tests."""
+    loss, _ = method(batch, progress)
+    loss.backward()
+    method.before_optimizer_step(progress)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step(progress)
+    return loss.detach()
