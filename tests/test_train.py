@@ -137,7 +137,7 @@ def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loa
     assert saved["config"]["backbone"] == BACKBONE and saved["config"]["batch_size"] == 16
     assert saved["config"]["max_steps"] == 3 and saved["config"]["val_data"] == DATA
     # resolved defaults: the method's CPU choices are written, not None
-    assert saved["config"]["optimizer"] == "lars" and saved["config"]["lr"] == pytest.approx(0.3)
+    assert saved["config"]["optimizer"] == "lars" and saved["config"]["lr"] == pytest.approx(4.8)
     assert [(g["count"], g["size"]) for g in saved["recipe"]["groups"]] == [(2, 32), (2, 16)]
     assert "2x32" in saved["recipe_text"]
     assert saved["versions"]["torch"] == torch.__version__.split("+")[0]

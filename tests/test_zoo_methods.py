@@ -266,7 +266,7 @@ def test_mocov2_shuffled_keys_and_the_queue_over_two_ranks_match_one_process():
     torch.testing.assert_close(torch.cat([torch.from_numpy(o[2]) for o in outcomes]), keys)
     for _, _, _, queue in outcomes:  # every rank enqueued the keys of all ranks, in global order
         torch.testing.assert_close(torch.from_numpy(queue), single.queue)
-    assert sum(o[1] for o in outcomes) / 2 == pytest.approx(float(loss), rel=1e-5)
+    assert sum(o[1] for o in outcomes) / 2 == pytest.approx(loss.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- train.py
