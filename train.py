@@ -25,7 +25,7 @@ import timm
 import torch
 import yaml
 
-from models.backbones import default_backbone
+from models.backbones import is_vit
 from models.checkpointing import CheckpointError, RunCheckpoints
 from models.knn import knn_accuracy
 from models.methods import create_method, method_class
@@ -44,7 +44,7 @@ class Config:
     multicrop: str | None = None  # None: the method's recipe (paper crops on a GPU, small crops on CPU)
     data: str = str(DEMO_TRAIN)
     val_data: str | None = str(DEMO_VAL)  # labeled shards for the kNN monitor; "" disables it
-    backbone: str | None = None  # any timm name; None: resnet50 on a GPU, resnet10t on CPU
+    backbone: str | None = None  # any timm name; None: resnet50 on a GPU, resnet10t on CPU (MAE/SIM: ViT-B/16, ViT-Ti/4)
     stem: str | None = None  # ResNets: standard | no-maxpool | cifar; None: crops <= 64 px get cifar on a GPU, no-maxpool on CPU
     method_options: str | None = None  # method keyword arguments, e.g. "queue_length=3840,queue_start_epoch=15"
     backbone_options: str | None = None  # timm.create_model keyword arguments, e.g. "img_size=32,patch_size=4"
@@ -136,7 +136,10 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
     """Fill the device- and method-dependent defaults; returns (config, recipe, method class)."""
     cls = method_class(config.method)
     on_gpu = device.type == "cuda"
-    backbone = config.backbone or default_backbone(device.type)
+    backbone, backbone_options = config.backbone, parse_options(config.backbone_options, "--backbone-options")
+    if not backbone:
+        backbone, default_options = cls.default_backbone(on_gpu)
+        backbone_options = {**default_options, **backbone_options}
     defaults = cls.defaults(on_gpu, backbone)
     resolved = dataclasses.replace(
         config,
@@ -152,10 +155,22 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
         data_threads=config.data_threads or cores_per_process(world_size),
     )
     recipe = preset(cls.recipe_preset).with_multicrop(resolved.multicrop)
+    if is_vit(backbone):
+        # a ViT's position table is built for one input size: the crops' (several sizes: resampled)
+        backbone_options.setdefault("img_size", recipe.groups[0].size)
+        if len(recipe.groups) > 1:
+            backbone_options.setdefault("dynamic_img_size", True)
+    resolved = dataclasses.replace(resolved, backbone_options=format_options(backbone_options) or None)
     if resolved.stem is None:
         resolved = dataclasses.replace(resolved, stem=default_stem(resolved.backbone, recipe.groups[0].size, on_gpu))
     cls.check_recipe(recipe, resolved.batch_size)
     return resolved, recipe, cls
+
+
+def format_options(options: dict) -> str:
+    """The inverse of `parse_options` (values written as YAML flow)."""
+    return ",".join(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                    for key, value in options.items())
 
 
 def cores_per_process(world_size: int) -> int:
@@ -185,13 +200,14 @@ def main(argv=None) -> int:
     try:
         config, recipe, cls = resolve(config, accelerator.device, world)
         set_seed(config.seed)
-        train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
-                                 seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
-        val_shards = knn_monitor_data(config, accelerator)
         method = create_method(config.method, backbone=config.backbone, stem=config.stem,
                                on_gpu=accelerator.device.type == "cuda",
                                backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
                                **parse_options(config.method_options, "--method-options"))
+        recipe = method.adapt_recipe(recipe)
+        train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
+                                 seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
+        val_shards = knn_monitor_data(config, accelerator)
     except TypeError as error:  # an option the method or the timm model does not take
         return fail(f"--method-options {config.method_options} / --backbone-options {config.backbone_options}: "
                     f"{error}")
@@ -204,12 +220,13 @@ def main(argv=None) -> int:
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     lr = config.lr * method.lr_scaling(global_batch)
     lr_schedule = cosine_schedule(lr, method.final_lr(lr), total_steps,
-                                  warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                                  warmup_steps=min(round(config.warmup_epochs * steps_per_epoch), total_steps),
                                   warmup_start=lr * method.warmup_start_fraction)
     wd_schedule = method.weight_decay_schedule(config.weight_decay, total_steps)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config.optimizer, method.param_groups(config.weight_decay), lr=lr)
+    optimizer = build_optimizer(config.optimizer, method.param_groups(config.weight_decay), lr=lr,
+                                betas=method.adamw_betas)
     method, optimizer = accelerator.prepare(method, optimizer)
     model = accelerator.unwrap_model(method)
     if config.compile:

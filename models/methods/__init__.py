@@ -6,15 +6,17 @@ from models.methods.barlowtwins import BarlowTwins
 from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
 from models.methods.dino import DINO
+from models.methods.mae import MAE
 from models.methods.mocov2 import MoCoV2
 from models.methods.mocov3 import MoCoV3
 from models.methods.simclr import SimCLR
+from models.methods.sim import SIM
 from models.methods.simsiam import SimSiam
 from models.methods.swav import SwAV
 from models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SwAV, DINO, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg)
+    cls.name: cls for cls in (SwAV, DINO, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM)
 }
 
 

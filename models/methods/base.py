@@ -17,6 +17,7 @@ caller looks it up (`default_recipe(pipelines.spec.preset)`).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -27,6 +28,7 @@ from torch import nn
 from models.backbones import create_backbone, default_backbone, is_vit
 from models.ema import cosine_momentum, ema_update_, frozen_copy
 from models.optim import param_groups
+from models.vit import check_masked_vit, patch_size, use_fixed_positions
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     HEAD_PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": {}}
     # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
     accepts_local_crops: ClassVar[bool] = False
+    adamw_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, stem: str = "standard",
                  feature_dim: int | None = None, backbone_kwargs: dict | None = None):
         """`backbone` is a timm name or a module returning pooled features (then give `feature_dim`);
         None: the device's default (`default_backbone`)."""
         super().__init__()
-        backbone = backbone or default_backbone("cuda" if on_gpu else "cpu")
+        if backbone is None:
+            backbone, default_kwargs = self.default_backbone(on_gpu)
+            backbone_kwargs = {**default_kwargs, **(backbone_kwargs or {})}
         if isinstance(backbone, str):
             backbone, feature_dim = create_backbone(backbone, stem=stem,
                                                     **(backbone_kwargs or {}))
@@ -72,6 +77,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             feature_dim = backbone.num_features
         self.backbone = backbone
         self.feature_dim = feature_dim
+
+    @classmethod
+    def default_backbone(cls, on_gpu: bool) -> tuple[str, dict[str, Any]]:
+        """(timm name, keyword arguments) of the backbone used when none is given."""
+        return default_backbone("cuda" if on_gpu else "cpu"), {}
+
+    def adapt_recipe(self, recipe):
+        """The recipe this model trains on (masked methods match the mask grid to their patches)."""
+        return recipe
 
     @classmethod
     def defaults(cls, on_gpu: bool, backbone: str | None = None) -> dict[str, Any]:
@@ -173,6 +187,43 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def weight_decay_schedule(self, weight_decay: float, total_steps: int) -> np.ndarray | None:
         """Per-iteration weight decay, or None for a constant one."""
         return None
+
+
+class MaskedImageMethod(Method):
+    """A ViT trained on patch masks the input stack draws (MAE, SIM): positions are fixed 2-D sin-cos
+    and the recipe's mask grid follows the ViT's patch size."""
+
+    views: ClassVar[int] = 1  # views of the one crop group: 1 for MAE, 2 for SIM (only the first masked)
+
+    def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, **backbone_options):
+        super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
+        check_masked_vit(self.backbone, self.name)
+        use_fixed_positions(self.backbone)
+
+    @property
+    def patch_size(self) -> int:
+        return patch_size(self.backbone)
+
+    @classmethod
+    def default_backbone(cls, on_gpu: bool) -> tuple[str, dict[str, Any]]:
+        # CPU: ViT-Ti with 6 of its 12 blocks on 4-px patches: 8x8 patches on a 32-px crop (img_size follows
+        # the crop in train.py)
+        return ("vit_base_patch16_224", {}) if on_gpu else ("vit_tiny_patch16_224", {"patch_size": 4, "depth": 6})
+
+    @classmethod
+    def check_recipe(cls, recipe, batch_size: int) -> None:
+        if len(recipe.groups) != 1 or recipe.groups[0].count != cls.views or recipe.masking is None:
+            raise ValueError(f"{cls.name} trains on {cls.views} masked view(s) of one size; --multicrop "
+                             f"'{recipe.multicrop}' is not that: use {cls.views}x224 "
+                             f"({cls.views}x32 on CPU)")
+
+    def adapt_recipe(self, recipe):
+        masking = dataclasses.replace(recipe.masking, patch_size=self.patch_size)
+        size = recipe.groups[0].size
+        if self.backbone.patch_embed.img_size[0] != size:
+            raise ValueError(f"--backbone-options img_size={self.backbone.patch_embed.img_size[0]} differs from "
+                             f"the {size}-px crops of --multicrop '{recipe.multicrop}': make them equal")
+        return dataclasses.replace(recipe, masking=masking)
 
 
 def train_step(method: Method, optimizer: torch.optim.Optimizer, batch, progress: Progress) -> torch.Tensor:
