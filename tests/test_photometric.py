@@ -142,3 +142,168 @@ def test_channels_first_input_is_accepted():
     images = _images(4)
     recipe = _recipe(dataclasses.replace(Photometric(), grayscale_p=1.0))
     assert torch.equal(_run(recipe, images), _run(recipe, images.permute(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------- the fused form
+
+
+def _stage(recipe, seed=0, **options):
+    return PhotometricStage(recipe, "cpu", torch.Generator().manual_seed(seed), **options)
+
+
+def _strong_recipes():
+    strong = Photometric(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.4, grayscale_p=0.2,
+                         blur_p=0.5, solarize_p=0.3)
+    half = dataclasses.replace(strong, brightness=0.0, hue=0.0, blur_p=1.0)  # per-view zero strengths
+    return [_recipe(strong, half, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+            preset("dino").with_multicrop("2x24+2x12"), preset("swav").with_multicrop("2x20+2x12")]
+
+
+@pytest.mark.parametrize("recipe_index", [0, 1, 2])
+def test_fused_form_equals_the_kornia_op_chain(recipe_index):
+    recipe = _strong_recipes()[recipe_index]
+    for group_index, group in enumerate(recipe.groups):
+        images = _images(group.count * 40, size=group.size, seed=group_index)
+        fused_record, reference_record = {}, {}
+        fused = _stage(recipe, compile=False)(images, group_index, fused_record)
+        reference = _stage(recipe, implementation="reference")(images, group_index, reference_record)
+        assert fused_record.keys() == reference_record.keys()
+        for key in fused_record:
+            assert torch.equal(fused_record[key], reference_record[key]), key
+        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+
+
+def test_fused_form_does_not_depend_on_the_chunking():
+    recipe = _strong_recipes()[0]
+    images = _images(30)
+    whole = _stage(recipe, compile=False, chunk_pixels=10**9)(images, 0)
+    for chunk_pixels in (1, 3 * SIZE * SIZE):
+        torch.testing.assert_close(_stage(recipe, compile=False, chunk_pixels=chunk_pixels)(images, 0), whole,
+                                   atol=1e-6, rtol=0)
+
+
+def test_compiled_fused_form_equals_the_kornia_op_chain_and_a_failed_compile_runs_eagerly(monkeypatch):
+    import pipelines.photometric as photometric
+
+    recipe = _strong_recipes()[0]
+    images = _images(24, size=16)
+    reference = _stage(recipe, implementation="reference")(images, 0)
+    compiled = _stage(recipe, compile=True)
+    assert compiled.compiled == [True]
+    torch.testing.assert_close(compiled(images, 0), reference, atol=1e-5, rtol=0)
+    fewer = _images(10, size=16, seed=1)  # another batch size and content: the same compiled graph
+    torch.testing.assert_close(_stage(recipe, compile=True)(fewer, 0),
+                               _stage(recipe, implementation="reference")(fewer, 0), atol=1e-5, rtol=0)
+
+    def broken_compile(fn, **options):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    for kernel in (photometric._FRONT, photometric._BACK):
+        monkeypatch.setattr(kernel, "compiled", None)
+        monkeypatch.setattr(kernel, "failed", False)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        eager = _stage(recipe, compile=True)(images, 0)
+    torch.testing.assert_close(eager, reference, atol=1e-5, rtol=0)
+
+
+def test_compile_setting_comes_from_the_flag_then_the_environment(monkeypatch):
+    recipe = preset("dino").with_multicrop("2x224+2x32")
+    monkeypatch.delenv("FASTSSL_COMPILE", raising=False)
+    assert _stage(recipe).compiled == [True, False]  # auto: large crops only
+    assert _stage(recipe, compile=False).compiled == [False, False]
+    monkeypatch.setenv("FASTSSL_COMPILE", "0")
+    assert _stage(recipe).compiled == [False, False]
+    assert _stage(recipe, compile=True).compiled == [True, True]
+    monkeypatch.setenv("FASTSSL_COMPILE", "1")
+    assert _stage(recipe).compiled == [True, True]
+    monkeypatch.setenv("FASTSSL_COMPILE", "yes")
+    with pytest.raises(ValueError, match="FASTSSL_COMPILE"):
+        _stage(recipe)
+
+
+def _hue_turns(rgb: torch.Tensor) -> torch.Tensor:
+    """HSV hue in turns of (n, 3) colours with a single maximum."""
+    r, g, b = rgb.unbind(1)
+    maxc, minc = rgb.max(1).values, rgb.min(1).values
+    chroma = maxc - minc
+    hue = torch.where(maxc == r, (g - b) / chroma, torch.where(maxc == g, (b - r) / chroma + 2, (r - g) / chroma + 4))
+    return torch.remainder(hue / 6, 1)
+
+
+@pytest.mark.parametrize("op,strength", [("brightness", 0.4), ("contrast", 0.8), ("saturation", 0.5), ("hue", 0.1)])
+def test_fused_jitter_rates_and_factors_read_from_the_pixels(op, strength):
+    """One op at p = 0.8 on flat-colour images: the factor each output implies, recovered from its pixels
+    alone, is applied at the rate p and is uniform over torchvision's range."""
+    n = 4000
+    colour = torch.tensor([102, 77, 51], dtype=torch.uint8)  # (0.4, 0.3, 0.2): no clamping for these ranges
+    images = colour.view(1, 1, 1, 3).expand(n, 4, 4, 3).contiguous()
+    out = _stage(_recipe(Photometric(jitter_p=0.8, **{op: strength}), size=4), seed=5, compile=False)(images, 0)
+    pixel, source = out[:, :, 0, 0].double(), colour.double() / 255
+    grey = (torch.tensor(_GREY_WEIGHTS, dtype=torch.float64) * source).sum()
+    if op == "brightness":
+        factor = pixel[:, 0] / source[0]
+    elif op in ("contrast", "saturation"):  # on a flat image the grey mean and the grey image agree
+        factor = (pixel[:, 0] - grey) / (source[0] - grey)
+    else:
+        factor = torch.remainder(_hue_turns(pixel) - _hue_turns(source.view(1, 3)) + 0.5, 1) - 0.5
+    neutral = 0.0 if op == "hue" else 1.0
+    changed = (factor - neutral).abs() > 1e-4
+    rate = changed.double().mean().item()
+    assert abs(rate - 0.8) < 4 * (0.8 * 0.2 / n) ** 0.5
+    low, high = (-strength, strength) if op == "hue" else (1 - strength, 1 + strength)
+    drawn = factor[changed]
+    assert drawn.min() >= low - 1e-4 and drawn.max() <= high + 1e-4
+    assert drawn.mean().item() == pytest.approx((low + high) / 2, abs=0.02 * (high - low))
+    assert drawn.std().item() == pytest.approx((high - low) / 12**0.5, rel=0.05)
+    assert (factor[~changed] - neutral).abs().max() < 1e-4
+
+
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def test_fused_jitter_order_is_uniform_per_image_and_followed():
+    """All 24 orders at a uniform rate, and each image follows its own: strong factors clamp, so the
+    orders give different images, and every output is the chain in its recorded order, not reversed."""
+    view = Photometric(jitter_p=1.0, brightness=0.9, contrast=0.9, saturation=0.9, hue=0.3)
+    n = 2400
+    record = {}
+    images = _images(n, size=6, seed=3)
+    out = _stage(_recipe(view, size=6), compile=False)(images, 0, record)
+    orders, counts = torch.unique(record["jitter_order"], dim=0, return_counts=True)
+    assert len(orders) == 24
+    assert (counts - n / 24).abs().max() < 5 * (n / 24) ** 0.5
+    functions = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    names = ["brightness", "contrast", "saturation", "hue"]
+    told_apart = 0
+    for i in range(0, n, 12):
+        chains = []
+        for order in (record["jitter_order"][i].tolist(), record["jitter_order"][i].tolist()[::-1]):
+            expected = images[i].permute(2, 0, 1).float() / 255
+            for op in order:
+                expected = functions[op](expected, record[f"jitter_{names[op]}"][i].item())
+            chains.append(expected)
+        # torchvision's and Kornia's HSV round trips differ by < 1e-3 at these strengths
+        torch.testing.assert_close(out[i], chains[0], atol=1e-3, rtol=0)
+        told_apart += bool((chains[0] - chains[1]).abs().max() > 1e-2)
+    assert told_apart > n // 12 // 2
+
+
+def test_fused_grayscale_and_solarize_rates_read_from_the_pixels():
+    recipe = preset("dino").with_multicrop("2x8+2x6")
+    recipe = dataclasses.replace(recipe, mean=None, std=None, groups=tuple(
+        dataclasses.replace(g, photometric=tuple(dataclasses.replace(p, jitter_p=0.0) for p in g.photometric))
+        for g in recipe.groups))
+    per_view = 3000
+    group = recipe.groups[0]
+    bright = torch.tensor([230, 180, 140], dtype=torch.uint8).view(1, 1, 1, 3)  # all >= 128, grey too
+    images = bright.expand(group.count * per_view, 8, 8, 3).contiguous()
+    out = _stage(recipe, seed=2, compile=False)(images, 0)
+    grey = (out[:, 0] == out[:, 1]).all((-2, -1)) & (out[:, 1] == out[:, 2]).all((-2, -1))
+    solarized = out.amax((1, 2, 3)) < 0.5
+    for view in range(group.count):
+        p = group.view_photometric(view)
+        rows = slice(view * per_view, (view + 1) * per_view)
+        for name, decided, rate in (("grayscale", grey, p.grayscale_p), ("solarize", solarized, p.solarize_p)):
+            measured = decided[rows].double().mean().item()
+            assert abs(measured - rate) <= 4 * (rate * (1 - rate) / per_view) ** 0.5 + 1e-9, (view, name, measured)
