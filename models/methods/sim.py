@@ -66,6 +66,12 @@ class SIM(MaskedImageMethod):
     HEAD_PRESETS = {"paper": dict(decoder_dim=768, projector_depth=2, predictor_depth=4, decoder_heads=16),
                     "small": dict(decoder_dim=192, projector_depth=1, predictor_depth=2, decoder_heads=4)}
 
+    @classmethod
+    def default_backbone(cls, on_gpu: bool) -> tuple[str, dict]:
+        # features for kNN, linear probe and export: average-pooled patch tokens (SIM's linear protocol)
+        name, options = super().default_backbone(on_gpu)
+        return name, {**options, "global_pool": "avg"}
+
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True,
                  head_preset: str | None = None, decoder_dim: int | None = None, projector_depth: int | None = None,
                  predictor_depth: int | None = None, decoder_heads: int | None = None, alpha_global: float = 1.0,
@@ -93,8 +99,10 @@ class SIM(MaskedImageMethod):
         nn.init.normal_(self.mask_token, std=0.02)
         if not train_patch_embed:
             self.backbone.patch_embed.requires_grad_(False)
-        # upstream's encoder has no final norm; timm's (identity at init) stays for evaluation, untrained
+        # upstream's encoder has no final norm; timm's (an identity at init; after pooling with
+        # global_pool="avg") stays for evaluation, untrained
         self.backbone.norm.requires_grad_(False)
+        self.backbone.fc_norm.requires_grad_(False)
         self.add_teachers(momentum)
 
     def predict(self, view1: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
