@@ -3,11 +3,12 @@ on tiny random-init ViTs, then `train.py --method mae|sim` end to end with an ex
 
 from __future__ import annotations
 
+import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 
 from models.methods import Progress, create_method
@@ -277,7 +278,7 @@ def test_masked_methods_refuse_other_backbones_and_view_counts():
 @pytest.mark.parametrize("name", ["mae", "sim"])
 def test_train_py_runs_mae_and_sim_and_resumes_exactly(name, tmp_path):
     from safetensors.torch import load_file
-    from test_train import assert_ok, assert_same_tensors, checkpoints, losses, train
+    from test_train import assert_four_steps_resume_exactly_from_step_two, assert_ok, checkpoints, losses, train
 
     args = ["--method", name, "--multicrop", "1x32" if name == "mae" else "2x32", "--max-steps", 4,
             "--checkpoint-every", 2, "--backbone", "vit_tiny_patch16_224",
@@ -289,20 +290,9 @@ def test_train_py_runs_mae_and_sim_and_resumes_exactly(name, tmp_path):
     full = losses(run)
     assert list(full) == [1, 2, 3, 4] and all(math.isfinite(value) for value in full.values())
     assert checkpoints(run) == ["step-00000002", "step-00000004"]
-    import json
-
-    import timm
-
     spec = json.loads((run / "backbone.json").read_text())
     assert spec["model_kwargs"] == {"patch_size": 8, "depth": 2, "img_size": 32}
     model = timm.create_model(spec["timm_name"], num_classes=0, **spec["model_kwargs"])
     model.load_state_dict(load_file(run / "backbone.safetensors"))
 
-    resumed = tmp_path / "resumed" / "run"
-    shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
-    (resumed / "backbone.safetensors").unlink()
-    assert_ok(train(*args, "--output-dir", tmp_path / "resumed", "--name", "run", "--resume", "auto"))
-    assert losses(resumed) == full
-    final = "checkpoints/step-00000004/model.safetensors"
-    assert_same_tensors(load_file(resumed / final), load_file(run / final))
+    assert_four_steps_resume_exactly_from_step_two(args, run, tmp_path)  # the EMA target, F, the stack

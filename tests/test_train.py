@@ -110,6 +110,21 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def assert_four_steps_resume_exactly_from_step_two(args, run: Path, tmp_path: Path) -> None:
+    """`train(*args)` wrote 4 steps with checkpoints at 2 and 4 into `run`: a copy cut back to step 2 and
+    resumed (`--resume auto`) logs the same losses and ends with bit-identical model tensors."""
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed" / run.name
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    (resumed / "backbone.safetensors").unlink()
+    assert_ok(train(*args, "--output-dir", resumed.parent, "--name", run.name, "--resume", "auto"))
+    assert losses(resumed) == losses(run)
+    final = "checkpoints/step-00000004/model.safetensors"
+    assert_same_tensors(load_file(resumed / final), load_file(run / final))
+
+
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory) -> Path:
     """A 6-step run with checkpoints at steps 3 and 6 (the reference for resume tests; copy before use)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
 from types import SimpleNamespace
 
@@ -275,8 +274,7 @@ def test_mocov2_shuffled_keys_and_the_queue_over_two_ranks_match_one_process():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_train_py_runs_each_method_and_resumes_its_state_exactly(name, tmp_path):
-    from safetensors.torch import load_file
-    from test_train import assert_ok, assert_same_tensors, checkpoints, losses, metrics, train
+    from test_train import assert_four_steps_resume_exactly_from_step_two, assert_ok, checkpoints, losses, metrics, train
 
     multicrop = "2x32+2x16" if METHODS[name].accepts_local_crops else "2x32"
     args = ["--method", name, "--multicrop", multicrop, "--max-steps", 4, "--checkpoint-every", 2,
@@ -291,11 +289,4 @@ def test_train_py_runs_each_method_and_resumes_its_state_exactly(name, tmp_path)
     if name not in TEACHERS:
         return
     # state beyond the weights (EMA teachers, queue, centre) survives a resume: 2 + 2 steps == 4 steps
-    resumed = tmp_path / "resumed" / "run"
-    shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
-    (resumed / "backbone.safetensors").unlink()
-    assert_ok(train(*args, "--output-dir", tmp_path / "resumed", "--name", "run", "--resume", "auto"))
-    assert losses(resumed) == full
-    final = "checkpoints/step-00000004/model.safetensors"
-    assert_same_tensors(load_file(resumed / final), load_file(run / final))
+    assert_four_steps_resume_exactly_from_step_two(args, run, tmp_path)
