@@ -296,3 +296,24 @@ def test_train_py_runs_mae_and_sim_and_resumes_exactly(name, tmp_path):
     model.load_state_dict(load_file(run / "backbone.safetensors"))
 
     assert_four_steps_resume_exactly_from_step_two(args, run, tmp_path)  # the EMA target, F, the stack
+
+
+# ---------------------------------------------------------------------------------------------- show_views
+
+
+def test_show_views_shades_exactly_the_masked_patches_and_draws_a_png(tmp_path):
+    from PIL import Image
+
+    from tools.show_views import main, shade_masked
+
+    images = torch.rand(2, 8, 8, 3)
+    masks = torch.tensor([[True, False, False, True], [False, False, False, False]])
+    shaded = shade_masked(images, masks, 4)
+    torch.testing.assert_close(shaded[0, :4, :4], 0.35 * images[0, :4, :4] + torch.tensor([0.1, 0.1, 0.45]))
+    torch.testing.assert_close(shaded[0, :4, 4:], images[0, :4, 4:])  # patch 1: visible
+    torch.testing.assert_close(shaded[0, 4:, 4:], 0.35 * images[0, 4:, 4:] + torch.tensor([0.1, 0.1, 0.45]))
+    torch.testing.assert_close(shaded[1], images[1])
+    out = tmp_path / "views.png"
+    assert main(["--method", "sim", "--multicrop", "2x32", "--patch-size", "4", "--samples", "2",
+                 "--data", DEMO_VAL, "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 100
