@@ -70,6 +70,13 @@ def test_sincos_table_follows_mae_layout_row_major_with_a_zero_class_row():
     torch.testing.assert_close(table[1 + row * 3 + col], expected)
 
 
+def test_mae_and_sim_are_registered_with_their_masked_recipe_presets():
+    from models.methods import METHODS
+
+    for name, kind in (("mae", "random"), ("sim", "block")):
+        assert METHODS[name].name == name and preset(METHODS[name].recipe_preset).masking.kind == kind
+
+
 def test_masked_methods_freeze_sincos_positions_in_the_timm_vit():
     for name in ("mae", "sim"):
         method = tiny(name)
