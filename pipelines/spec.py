@@ -57,6 +57,12 @@ class Photometric:
     def is_identity(self) -> bool:
         return self.jitter_p == 0 and self.grayscale_p == 0 and self.blur_p == 0 and self.solarize_p == 0
 
+    def with_blur_scaled(self, factor: float) -> Photometric:
+        """The same view for a crop `factor` times as wide: the blur sigmas are in pixels, so they scale."""
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(self, blur_sigma=(self.blur_sigma[0] * factor, self.blur_sigma[1] * factor))
+
 
 NO_PHOTOMETRIC = Photometric()
 
@@ -183,7 +189,10 @@ class Recipe:
 
         Group i of the spec takes its photometric parameters from group i of this recipe (the last
         group for extra groups); per-view entries are cycled when the count changes. A scale left
-        out in the spec comes from the same group of this recipe.
+        out in the spec comes from the same group of this recipe. Blur sigmas are in pixels of the
+        crop, so a group resized from the template's size scales them by new / old size: a 32-px crop
+        gets the blur its 224-px template would have at that scale (the paper's 2x224+6x96 keeps
+        (0.1, 2.0) as is; the CPU recipe 2x32+4x16 gets (0.0143, 0.286) and (0.0167, 0.333)).
         """
         parsed = parse_multicrop(spec)
         groups = []
@@ -192,7 +201,7 @@ class Recipe:
             if scale is None:
                 only_globals = len(parsed) == 1 and len(self.groups) > 1
                 scale = self.global_only_scale if only_globals and self.global_only_scale else template.scale
-            photometric = template.photometric
+            photometric = tuple(view.with_blur_scaled(size / template.size) for view in template.photometric)
             if len(photometric) > 1:
                 photometric = tuple(photometric[i % len(photometric)] for i in range(count))
             groups.append(dataclasses.replace(template, count=count, size=size, scale=scale, photometric=photometric))
@@ -226,7 +235,7 @@ def _describe_photometric(p: Photometric) -> str:
     if p.grayscale_p:
         parts.append(f"gray@{p.grayscale_p}")
     if p.blur_p:
-        parts.append(f"blur{p.blur_sigma}@{p.blur_p}")
+        parts.append(f"blur({p.blur_sigma[0]:.3g}, {p.blur_sigma[1]:.3g})@{p.blur_p}")
     if p.solarize_p:
         parts.append(f"solarize@{p.solarize_p}")
     return " ".join(parts)

@@ -53,6 +53,20 @@ def test_swav_preset_follows_the_paper():
     assert swav.with_multicrop("2x224+6x96").groups[1].scale == (0.05, 0.14)
 
 
+def test_blur_sigma_scales_with_each_groups_crop_size():
+    swav = preset("swav")
+    assert swav.with_multicrop("2x224+6x96") == swav  # the paper's recipe is untouched
+    small = swav.with_multicrop("2x32+4x16")
+    low, high = small.groups[0].view_photometric(0).blur_sigma
+    assert low == pytest.approx(0.1 * 32 / 224) and high == pytest.approx(2.0 * 32 / 224)
+    low, high = small.groups[1].view_photometric(0).blur_sigma
+    assert low == pytest.approx(0.1 * 16 / 96) and high == pytest.approx(2.0 * 16 / 96)
+    assert "blur(0.0143, 0.286)@0.5" in small.describe()
+    # relative to the recipe it starts from, so resizing again composes
+    assert small.with_multicrop("2x64+4x32").groups[0].view_photometric(0).blur_sigma == pytest.approx(
+        swav.with_multicrop("2x64+4x32").groups[0].view_photometric(0).blur_sigma)
+
+
 @pytest.mark.parametrize("method", ["dino", "byol", "mocov3", "barlowtwins", "vicreg", "sim"])
 def test_asymmetric_presets_blur_and_solarize_per_view(method):
     first, second = (preset(method).groups[0].view_photometric(i) for i in range(2))
