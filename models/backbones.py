@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import timm
 from torch import nn
 
@@ -64,3 +66,19 @@ def adapt_stem(model: nn.Module, stem: str, name: str = "this model") -> nn.Modu
             conv[0].stride = (1, 1)
     model.stem = stem
     return model
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module):
+    """Inside, batch norms still normalise with batch statistics (in train mode) but leave their running
+    estimates, and their batch count, as they were."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from dataclasses import dataclass
@@ -186,6 +187,30 @@ def test_training_step_on_a_small_resnet_runs_one_backbone_forward_per_group():
     loss.backward()
     assert method.backbone.conv1.weight.grad.abs().sum() > 0
     assert method.head.projection[0].weight.grad.abs().sum() > 0
+
+
+def test_only_the_global_crops_update_batch_norm_running_statistics():
+    torch.manual_seed(0)
+    method = create_method("swav", backbone="resnet10t", stem="no-maxpool", on_gpu=False)
+    reference = copy.deepcopy(method.backbone)
+    batch = random_views(4, [(2, 32), (4, 16)])
+    method.train()
+    features = method.forward_groups(batch.views)
+    with torch.no_grad():
+        expected_global = reference.train()(batch.views[0])
+    # the local forward normalised with its own batch statistics, exactly as an ordinary forward does
+    torch.testing.assert_close(features[0], expected_global)
+    torch.testing.assert_close(features[1], copy.deepcopy(reference)(batch.views[1]))
+    norms = [(name, m) for name, m in method.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    expected = dict(reference.named_modules())
+    assert norms
+    for name, norm in norms:
+        torch.testing.assert_close(norm.running_mean, expected[name].running_mean)
+        torch.testing.assert_close(norm.running_var, expected[name].running_var)
+        assert int(norm.num_batches_tracked) == int(expected[name].num_batches_tracked) == 1
+        assert norm.momentum == 0.1
+    fresh = create_method("swav", backbone="resnet10t", stem="no-maxpool", on_gpu=False)
+    assert not torch.equal(norms[0][1].running_var, dict(fresh.backbone.named_modules())[norms[0][0]].running_var)
 
 
 def test_training_step_loss_equals_swav_loss_of_the_crop_scores():

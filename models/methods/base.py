@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import create_backbone, default_backbone, is_vit
+from models.backbones import create_backbone, default_backbone, is_vit, running_stats_frozen
 from models.ema import cosine_momentum, ema_update_, frozen_copy
 from models.optim import param_groups
 from models.vit import check_masked_vit, patch_size, use_fixed_positions
@@ -144,8 +144,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """(loss, metrics): metrics map names to floats or 0-d tensors (the loop converts when it logs)."""
 
     def forward_groups(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Backbone features per crop-size group: one forward per group, never one per crop."""
-        return [self.backbone(group) for group in views]
+        """Backbone features per crop-size group: one forward per group, never one per crop.
+
+        Only the first (global) group updates the batch norms' running statistics: those are what
+        evaluation and the exported backbone use on whole images, and small local crops have other
+        statistics (training itself normalises with batch statistics and is unaffected)."""
+        features = [self.backbone(views[0])]
+        with running_stats_frozen(self.backbone):
+            features += [self.backbone(group) for group in views[1:]]
+        return features
 
     def before_optimizer_step(self, progress: Progress) -> None:
         pass
