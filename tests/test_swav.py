@@ -318,7 +318,7 @@ def test_defaults_follow_the_paper_on_gpu_and_shrink_on_cpu():
     assert paper.freeze_prototypes_steps is None  # one epoch, whatever its length
     small = SwAV("resnet18", on_gpu=False)
     assert small.prototypes.weight.shape == (64, 128) and small.epsilon == 0.03
-    assert small.freeze_prototypes_steps == 20 and cpu["lr"] == 4.8
+    assert small.freeze_prototypes_steps == 40 and cpu["lr"] == 4.8 and cpu["batch_size"] == 32
     assert SwAV("resnet18", on_gpu=False, epsilon=0.05, n_prototypes=100).epsilon == 0.05
     assert SwAV.recipe_preset == "swav"
     # upstream applies LARC and weight decay to every parameter
