@@ -37,7 +37,7 @@ class SwAV(Method):
     HEAD_PRESETS = {
         "paper": dict(hidden_dim=2048, out_dim=128, n_prototypes=3000, epsilon=0.05, freeze_prototypes_steps=None),
         # a few epochs on 10k images (README, "Training"): sharper codes and a short prototype freeze
-        # learn faster; 64 prototypes for a batch of 64 (the equipartition is soft when B << K)
+        # learn faster; 64 prototypes for batches of 32-64 (the equipartition is soft when B << K)
         "small": dict(hidden_dim=512, out_dim=128, n_prototypes=64, epsilon=0.03, freeze_prototypes_steps=40),
     }
 
