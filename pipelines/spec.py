@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SWAV_STD = (0.228, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+SMALL_GLOBAL_CROP = 64  # px: global crops this small take a recipe's small_global_scale (see Recipe)
 MASK_KINDS = ("random", "block")
 
 
@@ -152,7 +153,10 @@ class Recipe:
 
     `mean`/`std` of None means no normalisation (inputs stay in [0, 1], as SimCLR does).
     `global_only_scale` is the scale used when the user keeps only the first group (SwAV: 2x224
-    alone uses (0.08, 1) instead of the multi-crop (0.14, 1)).
+    alone uses (0.08, 1) instead of the multi-crop (0.14, 1)). `small_global_scale` is the first
+    group's scale in a multi-crop spec whose global crops are at most SMALL_GLOBAL_CROP px: crops
+    that small mean small images (the 28-px demo set, CIFAR), where the paper's lower bound, set
+    for ~400-px photos, leaves a patch of a few pixels (0.14 of a 28-px image is 10 px square).
     """
 
     name: str
@@ -161,6 +165,7 @@ class Recipe:
     std: tuple[float, float, float] | None = IMAGENET_STD
     masking: Masking | None = None
     global_only_scale: tuple[float, float] | None = None
+    small_global_scale: tuple[float, float] | None = None
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -189,7 +194,8 @@ class Recipe:
 
         Group i of the spec takes its photometric parameters from group i of this recipe (the last
         group for extra groups); per-view entries are cycled when the count changes. A scale left
-        out in the spec comes from the same group of this recipe. Blur sigmas are in pixels of the
+        out in the spec comes from the same group of this recipe, except for `global_only_scale` and
+        `small_global_scale` (see the class). Blur sigmas are in pixels of the
         crop, so a group resized from the template's size scales them by new / old size: a 32-px crop
         gets the blur its 224-px template would have at that scale (the paper's 2x224+6x96 keeps
         (0.1, 2.0) as is; the CPU recipe 2x32+4x16 gets (0.0143, 0.286) and (0.0167, 0.333)).
@@ -199,13 +205,20 @@ class Recipe:
         for index, (count, size, scale) in enumerate(parsed):
             template = self.groups[min(index, len(self.groups) - 1)]
             if scale is None:
-                only_globals = len(parsed) == 1 and len(self.groups) > 1
-                scale = self.global_only_scale if only_globals and self.global_only_scale else template.scale
+                scale = self._default_scale(index, parsed, template)
             photometric = tuple(view.with_blur_scaled(size / template.size) for view in template.photometric)
             if len(photometric) > 1:
                 photometric = tuple(photometric[i % len(photometric)] for i in range(count))
             groups.append(dataclasses.replace(template, count=count, size=size, scale=scale, photometric=photometric))
         return dataclasses.replace(self, groups=tuple(groups))
+
+    def _default_scale(self, index, parsed, template: ViewGroup) -> tuple[float, float]:
+        if index == 0 and len(self.groups) > 1:
+            if len(parsed) == 1 and self.global_only_scale:
+                return self.global_only_scale
+            if len(parsed) > 1 and self.small_global_scale and parsed[0][1] <= SMALL_GLOBAL_CROP:
+                return self.small_global_scale
+        return template.scale
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,6 +318,9 @@ PRESETS: dict[str, Recipe] = {
         ),
         std=SWAV_STD,
         global_only_scale=(0.08, 1.0),
+        # measured on the demo set (README, Training): 2x32+4x16 at 5 epochs averages 81.15 kNN over
+        # seeds 0-4 with (0.3, 1) against 80.01 with (0.14, 1)
+        small_global_scale=(0.3, 1.0),
     ),
     "dino": Recipe(
         "dino",

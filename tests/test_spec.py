@@ -53,6 +53,18 @@ def test_swav_preset_follows_the_paper():
     assert swav.with_multicrop("2x224+6x96").groups[1].scale == (0.05, 0.14)
 
 
+def test_small_global_crops_take_the_small_image_scale_unless_the_spec_gives_one():
+    swav = preset("swav")
+    small = swav.with_multicrop("2x32+4x16")
+    assert [group.scale for group in small.groups] == [(0.3, 1.0), (0.05, 0.14)]
+    assert swav.with_multicrop("2x64+4x32").groups[0].scale == (0.3, 1.0)
+    assert swav.with_multicrop("2x96+4x48").groups[0].scale == (0.14, 1.0)  # above SMALL_GLOBAL_CROP
+    assert swav.with_multicrop("2x32@0.14-1+4x16").groups[0].scale == (0.14, 1.0)  # given in the spec
+    assert swav.with_multicrop("2x32").groups[0].scale == (0.08, 1.0)  # no local crops: global_only_scale
+    assert "2x32 scale=(0.3, 1.0)" in small.describe()  # printed at start-up
+    assert preset("dino").with_multicrop("2x32+4x16").groups[0].scale == (0.4, 1.0)  # only SwAV sets one
+
+
 def test_blur_sigma_scales_with_each_groups_crop_size():
     swav = preset("swav")
     assert swav.with_multicrop("2x224+6x96") == swav  # the paper's recipe is untouched
