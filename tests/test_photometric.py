@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
-from pipelines.photometric import PhotometricStage, blur_kernel_size
+from pipelines.photometric import PhotometricStage, blur_kernel_size, gaussian_kernels
 from pipelines.spec import Photometric, Recipe, ViewGroup, preset
 
 SIZE = 24
@@ -91,6 +91,18 @@ def test_blur_sigma_is_uniform_per_sample_and_the_kernel_fits_the_crop():
     assert sigma.min() >= 0.1 and sigma.max() <= 2.0
     assert sigma.mean().item() == pytest.approx(1.05, abs=0.02)
     assert blur_kernel_size(2.0, 224) == 13 and blur_kernel_size(2.0, 8) == 7 and blur_kernel_size(0.5, 96) == 5
+
+
+def test_blur_kernels_have_no_subnormal_weights_and_match_the_gaussian():
+    sigma = torch.linspace(0.1, 2.0, 2000, dtype=torch.float64)
+    kernels = gaussian_kernels(13, sigma)
+    tiny = torch.finfo(torch.float32).tiny  # smallest normal float32
+    assert not ((kernels > 0) & (kernels < tiny)).any()
+    taps = torch.arange(13, dtype=torch.float64) - 6
+    exact = torch.exp(-(taps ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    exact = exact / exact.sum(1, keepdim=True)
+    assert torch.allclose(kernels.double(), exact, rtol=1e-4, atol=1e-19)
+    assert torch.allclose(kernels.sum(1), torch.ones(2000), atol=1e-6)
 
 
 def test_blur_matches_torchvision_gaussian_for_a_given_sigma():
