@@ -137,7 +137,7 @@ def _gaussian_blur(x: torch.Tensor, size: int, sigma: torch.Tensor) -> torch.Ten
     """Kornia's `gaussian_blur2d` (reflect border, a `size` window, per-sample sigma) as two depthwise
     convolutions with the kernels built once per call: the same numbers, less overhead."""
     n, channels, height, width = x.shape
-    kernel = gaussian_kernels(size, sigma.to(x.device), x.dtype).repeat_interleave(channels, 0)
+    kernel = gaussian_kernels(size, sigma, x.dtype).repeat_interleave(channels, 0)
     pad = size // 2
     y = torch.nn.functional.pad(x.reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
     y = torch.nn.functional.conv2d(y, kernel.view(n * channels, 1, 1, size), groups=n * channels)

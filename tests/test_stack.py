@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.dali_stage import DaliConfig, build_pipeline, output_names
 from pipelines.shards import DEMO_TRAIN, ShardError, open_shard_set
 from pipelines.spec import NO_PHOTOMETRIC, Recipe, ViewGroup, preset
 from pipelines.stack import InputStack
@@ -94,6 +95,14 @@ def test_multicrop_batch_layout_labels_and_keys(demo):
     assert batch.labels.dtype == torch.int64 and ((batch.labels >= 0) & (batch.labels < 10)).all()
     assert len(set(batch.keys)) == 8 and all(key.isdigit() for key in batch.keys)
     assert batch.masks is None and torch.isfinite(batch.views[1]).all()
+
+
+def test_dali_hands_over_planar_uint8_crops(demo):
+    recipe = preset("swav").with_multicrop("2x32+4x16")
+    outputs = dict(zip(output_names(recipe), build_pipeline(recipe, demo, DaliConfig(batch_size=4)).run()))
+    for name, size in (("view_0_1", 32), ("view_1_3", 16)):
+        crops = outputs[name].as_array()
+        assert crops.shape == (4, 3, size, size) and crops.dtype == np.uint8
 
 
 def test_masks_come_with_masked_recipes(demo):
