@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_quick_profile_reports_every_stage_and_the_stack_beats_the_peer_loader(t
     # 2x floor leaves room for a noisy CI machine while still catching a stack that lost its edge
     rate = {stage: row["images_per_second"] for stage, row in report["stages"].items()}
     assert rate[STAGES[3]] > 2 * rate[STAGES[6]]
+    pairs = report["stack_vs_peer"]  # stages 4 and 7 timed in alternating blocks, one ratio per pair
+    assert len(pairs["pairs"]) == 2 and pairs["median"] == pytest.approx(statistics.median(pairs["pairs"]))
+    assert pairs["median"] > 2
     # the input stack never runs faster than its own DALI part
     assert rate[STAGES[3]] <= rate[STAGES[2]] * 1.5
 

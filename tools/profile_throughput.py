@@ -8,7 +8,9 @@ optimizer step on synthetic tensors of the recipe's shapes, (6) end-to-end train
 and (7) the peer baseline: the same recipe through a PyTorch DataLoader with PIL/torchvision transforms
 and one worker per core (lightly's SwaVTransform / DINOTransform for those methods when lightly is
 installed). Stage (4) is also broken down per photometric op. Warm-up batches are excluded; each stage
-is timed over several repetitions and the median is reported. `--json` and `--png` write the results.
+is timed over several repetitions and the median is reported. Stages (4) and (7) are timed in
+alternating blocks and "stack vs peer" is the median of the per-pair ratios, so a machine whose speed
+drifts during the run moves both sides of each ratio. `--json` and `--png` write the results.
 """
 
 from __future__ import annotations
@@ -67,17 +69,39 @@ def time_batches(next_batch, settings: Settings) -> float:
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def input_stages(recipe, shards, settings: Settings) -> dict[str, float]:
+def dali_stages(recipe, shards, settings: Settings) -> dict[str, float]:
     config = DaliConfig(batch_size=settings.batch_size, num_threads=settings.threads, seed=0)
     seconds = {}
     for stage, label in zip(("read", "decode", "crop"), STAGES[:3]):
         pipe = build_pipeline(recipe, shards, config, upto=stage)
         seconds[label] = time_batches(pipe.run, settings)
         del pipe
-    stack = InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
-                       num_threads=settings.threads)
-    seconds[STAGES[3]] = time_batches(lambda: next(stack), settings)
     return seconds
+
+
+def _input_stack(recipe, shards, settings: Settings) -> InputStack:
+    return InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
+                      num_threads=settings.threads)
+
+
+def stack_and_peer(recipe, shards, settings: Settings) -> tuple[list[float], list[float], str]:
+    """Seconds per batch of the input stack (stage 4) and the peer (stage 7), timed in alternating blocks.
+
+    On a shared or virtual machine the speed drifts over minutes, so two stages timed minutes apart
+    can differ by 20 % for reasons of their own; alternating blocks give each pair the same conditions.
+    Each block first drains what its loader prefetched while the other one ran (DALI's queue, or two
+    batches per DataLoader worker), so only steady-state batches are timed.
+    """
+    stack = _input_stack(recipe, shards, settings)
+    name, peer_next = peer_loader(recipe, shards, settings)
+    block = dataclasses.replace(settings, repeats=1)
+    stack_block = dataclasses.replace(block, warmup=max(settings.warmup, stack.dali.prefetch_queue_depth + 1))
+    peer_block = dataclasses.replace(block, warmup=max(settings.warmup, 2 * settings.threads + 1))
+    stack_seconds, peer_seconds = [], []
+    for _ in range(settings.repeats):
+        stack_seconds.append(time_batches(lambda: next(stack), stack_block))
+        peer_seconds.append(time_batches(peer_next, peer_block))
+    return stack_seconds, peer_seconds, name
 
 
 def _only(photometric: Photometric, op: str | None) -> Photometric:
@@ -207,7 +231,9 @@ def _first_image(sample: dict):
     raise KeyError(f"no image member in sample {sample.get('__key__')}")
 
 
-def baseline_stage(recipe, shards, settings: Settings) -> tuple[float, str]:
+def peer_loader(recipe, shards, settings: Settings):
+    """(name, next-batch callable) of the peer: webdataset + DataLoader + PIL transforms, one worker per
+    thread, two batches prefetched per worker."""
     import webdataset as wds
 
     name, transform = peer_transform(recipe)
@@ -218,8 +244,7 @@ def baseline_stage(recipe, shards, settings: Settings) -> tuple[float, str]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.threads,
                                          persistent_workers=settings.threads > 0, prefetch_factor=2)
     iterator = iter(loader)
-    seconds = time_batches(lambda: next(iterator), settings)
-    return seconds, f"{name}, DataLoader with {settings.threads} workers"
+    return f"{name}, DataLoader with {settings.threads} workers", lambda: next(iterator)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -247,8 +272,10 @@ def verdict(results: dict) -> list[str]:
     stages = results["stages"]
     rate = {stage: row["images_per_second"] for stage, row in stages.items()}
     lines = []
-    if STAGES[6] in rate:
-        lines.append(f"input stack vs peer baseline: {rate[STAGES[3]] / rate[STAGES[6]]:.2f}x")
+    if "stack_vs_peer" in results:
+        pairs = results["stack_vs_peer"]
+        lines.append(f"input stack vs peer baseline: {pairs['median']:.2f}x (median of {len(pairs['pairs'])} "
+                     f"interleaved pairs: {', '.join(f'{r:.2f}' for r in pairs['pairs'])})")
     lines.append(f"input stack vs decode-only ceiling: {rate[STAGES[3]] / rate[STAGES[1]]:.1%}")
     if STAGES[4] in rate and STAGES[5] in rate:
         slower = min(rate[STAGES[3]], rate[STAGES[4]])
@@ -313,16 +340,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(args.batch_size, args.threads, args.warmup, args.batches, args.repeats,
                         torch.device(args.device))
-    seconds = input_stages(recipe, shards, settings)
+    seconds = dali_stages(recipe, shards, settings)
     results = {"method": recipe.name, "multicrop": recipe.multicrop, "data": str(shards.root),
                "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
                "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))}
+    if 7 in skip:
+        stack = _input_stack(recipe, shards, settings)
+        seconds[STAGES[3]] = time_batches(lambda: next(stack), settings)
+        del stack
+    else:
+        stack_seconds, peer_seconds, results["baseline"] = stack_and_peer(recipe, shards, settings)
+        seconds[STAGES[3]] = statistics.median(stack_seconds)
+        pairs = [peer / stack for stack, peer in zip(stack_seconds, peer_seconds)]
+        results["stack_vs_peer"] = {"median": statistics.median(pairs), "pairs": pairs}
     results["photometric_ops"] = photometric_breakdown(recipe, settings)
     if not {5, 6} <= skip:
         model_seconds, results["model"] = model_stages(args.method, recipe, shards, settings)
         seconds.update({k: v for k, v in model_seconds.items() if int(k[0]) not in skip})
     if 7 not in skip:
-        seconds[STAGES[6]], results["baseline"] = baseline_stage(recipe, shards, settings)
+        seconds[STAGES[6]] = statistics.median(peer_seconds)
     results["stages"] = {stage: {"seconds_per_batch": s, "images_per_second": args.batch_size / s}
                          for stage, s in seconds.items()}
     print(f"{recipe.name} {recipe.multicrop} on {shards.root} ({args.threads} threads, {args.device})")
