@@ -89,18 +89,22 @@ def stack_and_peer(recipe, shards, settings: Settings) -> tuple[list[float], lis
 
     On a shared or virtual machine the speed drifts over minutes, so two stages timed minutes apart
     can differ by 20 % for reasons of their own; alternating blocks give each pair the same conditions.
-    Each block first drains what its loader prefetched while the other one ran (DALI's queue, or two
-    batches per DataLoader worker), so only steady-state batches are timed.
+    Neither loader may work in the other's block: the peer's workers start for each of its blocks and
+    are shut down after it (idle workers would refill their prefetch queues on the stack's time), and
+    each block's warm-up outlasts the other side's refill (DALI's queue of a few batches) and the
+    workers' start, so only steady-state batches are timed.
     """
     stack = _input_stack(recipe, shards, settings)
-    name, peer_next = peer_loader(recipe, shards, settings)
+    name, loader = peer_loader(recipe, shards, settings)
     block = dataclasses.replace(settings, repeats=1)
     stack_block = dataclasses.replace(block, warmup=max(settings.warmup, stack.dali.prefetch_queue_depth + 1))
     peer_block = dataclasses.replace(block, warmup=max(settings.warmup, 2 * settings.threads + 1))
     stack_seconds, peer_seconds = [], []
     for _ in range(settings.repeats):
         stack_seconds.append(time_batches(lambda: next(stack), stack_block))
-        peer_seconds.append(time_batches(peer_next, peer_block))
+        batches = iter(loader)
+        peer_seconds.append(time_batches(lambda: next(batches), peer_block))
+        del batches  # shuts the workers down
     return stack_seconds, peer_seconds, name
 
 
@@ -232,8 +236,8 @@ def _first_image(sample: dict):
 
 
 def peer_loader(recipe, shards, settings: Settings):
-    """(name, next-batch callable) of the peer: webdataset + DataLoader + PIL transforms, one worker per
-    thread, two batches prefetched per worker."""
+    """(name, DataLoader) of the peer: webdataset + PIL transforms, one worker per thread, two batches
+    prefetched per worker; each `iter()` starts its own workers."""
     import webdataset as wds
 
     name, transform = peer_transform(recipe)
@@ -242,9 +246,8 @@ def peer_loader(recipe, shards, settings: Settings):
                               workersplitter=wds.split_by_worker, empty_check=False)
                .repeat().shuffle(1000).decode("pil").map(lambda sample: transform(_first_image(sample))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.threads,
-                                         persistent_workers=settings.threads > 0, prefetch_factor=2)
-    iterator = iter(loader)
-    return f"{name}, DataLoader with {settings.threads} workers", lambda: next(iterator)
+                                         prefetch_factor=2 if settings.threads > 0 else None)
+    return f"{name}, DataLoader with {settings.threads} workers", loader
 
 
 # ---------------------------------------------------------------------------------------------- report
