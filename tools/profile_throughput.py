@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     else:
         stack_seconds, peer_seconds, results["baseline"] = stack_and_peer(recipe, shards, settings)
         seconds[STAGES[3]] = statistics.median(stack_seconds)
-        pairs = [peer / stack for stack, peer in zip(stack_seconds, peer_seconds)]
+        pairs = [peer / own for own, peer in zip(stack_seconds, peer_seconds)]
         results["stack_vs_peer"] = {"median": statistics.median(pairs), "pairs": pairs}
     results["photometric_ops"] = photometric_breakdown(recipe, settings)
     if not {5, 6} <= skip:
