@@ -51,6 +51,7 @@ class Config:
     batch_size: int | None = None  # per process; None: the method's default for the device
     epochs: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    time_limit: float | None = None  # minutes of wall time from process start; then checkpoint, export, stop
     lr: float | None = None  # base LR, scaled by the method's rule (e.g. x global batch / 256)
     optimizer: str | None = None  # lars | sgd | adamw
     warmup_epochs: float | None = None
@@ -72,9 +73,9 @@ class Config:
 
     # options that may differ on resume without changing the run (name and output_dir only locate it:
     # `--resume runs/x` needs neither, and a moved or copied run directory resumes)
-    RESUMABLE_DIFFERENCES = ("resume", "config", "name", "output_dir", "max_steps", "epochs", "eval_every",
-                             "checkpoint_every", "keep_checkpoints", "log_every", "data_threads", "compile",
-                             "log_keys")
+    RESUMABLE_DIFFERENCES = ("resume", "config", "name", "output_dir", "max_steps", "time_limit", "epochs",
+                             "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "data_threads",
+                             "compile", "log_keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +107,9 @@ def parse_config(argv=None) -> Config:
             raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
         values.update(loaded)
     values.update(given)
+    limit = values.get("time_limit")
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise ConfigError(f"--time-limit {limit}: give a positive number of minutes")
     return Config(**values)
 
 
@@ -252,6 +256,7 @@ def main(argv=None) -> int:
                               f"pass accelerate launch --num_cpu_threads_per_process {cores} (or set OMP_NUM_THREADS)")
     logger = run.logger(accelerator)
     stop_requested = install_stop_handlers()
+    out_of_time = time_limit_check(config.time_limit, accelerator)
     keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
 
     progress_bar = make_progress_bar(accelerator, total_steps, start_step)
@@ -259,6 +264,7 @@ def main(argv=None) -> int:
     loss_value = float("nan")
     window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
     epoch_losses = []
+    timed_out = False
     while step < total_steps:
         epoch = step // steps_per_epoch
         progress = Progress(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -289,11 +295,12 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         model.after_step(progress)
         step += 1
+        timed_out = out_of_time() and step < total_steps  # called every step: a collective on every rank
 
         loss_value = loss.item()
         epoch_losses.append(loss_value)
         window_images += config.batch_size * world
-        if step % config.log_every == 0 or step == total_steps:
+        if step % config.log_every == 0 or step == total_steps or timed_out:
             elapsed = time.perf_counter() - window_started
             waited = (train_stack.wait_seconds - window_wait) / max(elapsed, 1e-9)
             record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_schedule[step - 1],
@@ -304,7 +311,7 @@ def main(argv=None) -> int:
             window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
 
         epoch_done = step % steps_per_epoch == 0
-        finished = step == total_steps
+        finished = step == total_steps or timed_out
         if epoch_done or finished:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses)}
             epoch_losses = []
@@ -322,8 +329,13 @@ def main(argv=None) -> int:
         if stop_requested() and not finished:
             accelerator.print(f"stop requested: checkpoint written at step {step}; resume with --resume auto")
             break
+        if timed_out:
+            progress_bar.close()
+            accelerator.print(f"--time-limit {config.time_limit:g} min reached at step {step} of {total_steps}: "
+                              f"checkpoint written; --resume auto continues the schedule")
+            break
     progress_bar.close()
-    if step == total_steps and accelerator.is_main_process:
+    if (step == total_steps or timed_out) and accelerator.is_main_process:
         path = run.export_backbone(model.eval_backbone, config,
                                    parse_options(config.backbone_options, "--backbone-options"),
                                    input_size=recipe.groups[0].size)
@@ -389,6 +401,23 @@ def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     if summary.get("knn_top1") is not None:
         text += f" | kNN top-1 {summary['knn_top1']:.2f}%"
     return text
+
+
+def time_limit_check(minutes: float | None, accelerator):
+    """A per-step check that is True on every rank at the same step once `minutes` of wall time have
+    passed since this process started (imports and set-up included); all ranks must call it."""
+    if minutes is None:
+        return lambda: False
+    import psutil
+
+    deadline = psutil.Process().create_time() + minutes * 60
+
+    def out_of_time() -> bool:
+        if time.time() >= deadline:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()  # an all-reduce: ranks whose clocks differ stop together
+
+    return out_of_time
 
 
 def install_stop_handlers():

@@ -282,9 +282,10 @@ def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
         (["--batch-size", 5000], ["--batch-size 5000", "2000 samples"]),
         (["--method", "simclr"], ["simclr trains on two views of one size", "2x32@0.08-1+2x16@0.08-1"]),
         (["--backbone-options", "no_such_option=3"], ["--backbone-options no_such_option=3", "no_such_option"]),
+        (["--time-limit", 0], ["--time-limit 0", "positive number of minutes"]),
     ],
     ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data",
-         "multicrop-the-method-cannot-use", "backbone-option-timm-rejects"],
+         "multicrop-the-method-cannot-use", "backbone-option-timm-rejects", "time-limit-not-positive"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty = tmp_path / "empty"
@@ -353,6 +354,24 @@ def test_sigterm_writes_a_checkpoint_exits_zero_and_resume_auto_continues(tmp_pa
     assert f"at step {stopped_at}" in result.stdout
     assert list(losses(run)) == list(range(1, stopped_at + 3))
     assert checkpoints(run) == [f"step-{stopped_at:08d}", f"step-{stopped_at + 2:08d}"]
+
+
+def test_a_time_limit_ends_the_run_with_a_checkpoint_and_the_backbone_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    # 0.001 min (60 ms) from process start has passed before the first step ends: one step, not 400
+    result = train("--max-steps", 400, "--time-limit", 0.001, "--checkpoint-every", 1000, "--output-dir", tmp_path,
+                   "--name", "run")
+    assert_ok(result)
+    assert "--time-limit 0.001 min reached at step 1 of 400" in result.stdout
+    assert list(losses(run)) == [1]
+    assert checkpoints(run) == ["step-00000001"]
+    assert (run / "backbone.safetensors").is_file()  # a timed run is a usable result
+
+    result = train("--max-steps", 3, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run",
+                   "--resume", "auto")
+    assert_ok(result)
+    assert list(losses(run)) == [1, 2, 3]
+    assert checkpoints(run) == ["step-00000001", "step-00000003"]
 
 
 # ---------------------------------------------------------------------------------------------- 6. full disk
@@ -441,3 +460,15 @@ def test_two_processes_train_one_model_on_disjoint_samples(tmp_path):
         assert len(keys[rank]) == 3 * 16 and len(set(keys[rank])) == 3 * 16  # no repeats within the epoch
     assert not set(keys[0]) & set(keys[1])
     assert set(keys[0]) | set(keys[1]) <= shard_keys(DATA)
+
+
+def test_two_processes_stop_together_at_the_time_limit(tmp_path):
+    result = launch_two_processes("--max-steps", 400, "--time-limit", 0.001, "--checkpoint-every", 1000,
+                                  "--output-dir", tmp_path, "--name", "run")
+    assert_ok(result)  # a rank that stopped alone would leave the other waiting in an all-reduce until the timeout
+    assert "reached at step 1 of 400" in result.stdout
+    run = tmp_path / "run"
+    assert checkpoints(run) == ["step-00000001"]
+    meta = json.loads((run / "checkpoints" / "step-00000001" / "meta.json").read_text())
+    assert meta["num_processes"] == 2
+    assert (run / "backbone.safetensors").is_file()

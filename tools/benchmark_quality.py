@@ -15,7 +15,9 @@ Reported, each on the test set with the train set as memory bank / fitting set:
   - the same backbone at its random initialisation (what pretraining adds);
   - raw pixels (784 values in [0, 1]): the same kNN, and the same logistic regression.
 A budget in minutes is turned into optimizer steps from a short timing run of the same command (its
-images/s), so the learning-rate schedule still ends where it should. JSON and a markdown table row go to
+images/s), so the learning-rate schedule still ends where it should; train.py's `--time-limit` ends the
+run at the budget if the machine slows down after the timing run (the skipped last steps are the ones at
+near-zero LR, and the report gives the steps done and planned). JSON and a markdown table row go to
 `--work-dir/<run name>/quality.{json,md}`.
 """
 
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
         if args.minutes:
             steps, rate = steps_for_minutes(args, shards, work_dir, args.threads)
             print(f"timing run: {rate:.1f} images/s -> {steps} steps for {args.minutes:g} min", flush=True)
-            extra = ["--max-steps", str(steps)]
+            # the time limit holds the budget when the machine slows down after the timing run
+            extra = ["--max-steps", str(steps), "--time-limit", f"{args.minutes:g}"]
         else:
             extra = ["--epochs", str(args.epochs)]
         started = time.perf_counter()
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
     batch = config["batch_size"]
     steps = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]).get("step")
     report = {"method": args.method, "backbone": info["timm_name"], "machine": machine(),
-              "budget": {"steps": steps, "epochs": steps * batch / images, "train_minutes": train_minutes,
+              "budget": {"steps": steps, "planned_steps": config["max_steps"], "epochs": steps * batch / images,
+                         "train_minutes": train_minutes,
                          "requested_minutes": args.minutes, "requested_epochs": args.epochs},
               "pretrained": pretrained, "random_init": random_init, "pixels": raw, "run": str(run_dir),
               "config": config}
