@@ -52,6 +52,9 @@ class Config:
     epochs: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     time_limit: float | None = None  # minutes of wall time from process start; then checkpoint, export, stop
+    # with --time-limit: LR, weight decay and the method's schedules follow the share of the limit used, so the
+    # run ends annealed at the limit however fast the machine runs; --max-steps / --epochs set their resolution
+    schedule_by_time: bool = False
     lr: float | None = None  # base LR, scaled by the method's rule (e.g. x global batch / 256)
     optimizer: str | None = None  # lars | sgd | adamw
     warmup_epochs: float | None = None
@@ -110,6 +113,11 @@ def parse_config(argv=None) -> Config:
     limit = values.get("time_limit")
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ConfigError(f"--time-limit {limit}: give a positive number of minutes")
+    if values.get("schedule_by_time") and limit is None:
+        raise ConfigError("--schedule-by-time needs --time-limit MINUTES: the schedule follows the share of it used")
+    if values.get("schedule_by_time") and values.get("resume"):
+        raise ConfigError("--schedule-by-time with --resume: a schedule driven by one process's clock cannot "
+                          "continue in another; start a new run")
     return Config(**values)
 
 
@@ -256,7 +264,6 @@ def main(argv=None) -> int:
                               f"pass accelerate launch --num_cpu_threads_per_process {cores} (or set OMP_NUM_THREADS)")
     logger = run.logger(accelerator)
     stop_requested = install_stop_handlers()
-    out_of_time = time_limit_check(config.time_limit, accelerator)
     keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
 
     progress_bar = make_progress_bar(accelerator, total_steps, start_step)
@@ -265,15 +272,21 @@ def main(argv=None) -> int:
     window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
     epoch_losses = []
     timed_out = False
-    while step < total_steps:
+    by_time = config.schedule_by_time
+    time_used = wall_clock(config.time_limit, accelerator)
+    share_used = 0.0
+    while by_time or step < total_steps:
         epoch = step // steps_per_epoch
-        progress = Progress(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        # the index into the schedule arrays: the step, or (--schedule-by-time) the share of the time limit used
+        at = min(total_steps - 1, int(share_used * total_steps)) if by_time else step
+        progress = Progress(step=at, epoch=at // steps_per_epoch, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch)
         # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
         for group in optimizer.param_groups:
-            scheduled = lr if group.get("fixed_lr") else lr_schedule[step]
+            scheduled = lr if group.get("fixed_lr") else lr_schedule[at]
             group["lr"] = float(scheduled) * group.get("lr_multiplier", 1.0)
             if wd_schedule is not None and group.get("weight_decay", 0) > 0:
-                group["weight_decay"] = float(wd_schedule[step])
+                group["weight_decay"] = float(wd_schedule[at])
         batch = next(train_stack)
         if keys_log:
             keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
@@ -295,7 +308,9 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         model.after_step(progress)
         step += 1
-        timed_out = out_of_time() and step < total_steps  # called every step: a collective on every rank
+        if time_used:
+            share_used = time_used()  # every step, on every rank: a collective
+            timed_out = share_used >= 1 and (by_time or step < total_steps)
 
         loss_value = loss.item()
         epoch_losses.append(loss_value)
@@ -303,15 +318,17 @@ def main(argv=None) -> int:
         if step % config.log_every == 0 or step == total_steps or timed_out:
             elapsed = time.perf_counter() - window_started
             waited = (train_stack.wait_seconds - window_wait) / max(elapsed, 1e-9)
-            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_schedule[step - 1],
+            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_schedule[at],
                       "images_per_second": window_images / max(elapsed, 1e-9), "data_wait": waited}
+            if by_time:
+                record["schedule_step"] = at + 1
             record.update({k: float(v) for k, v in metrics.items() if k != "loss"})
             logger.log(record)
             progress_bar.update(step, record)
             window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
 
         epoch_done = step % steps_per_epoch == 0
-        finished = step == total_steps or timed_out
+        finished = (step == total_steps and not by_time) or timed_out
         if epoch_done or finished:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses)}
             epoch_losses = []
@@ -327,12 +344,17 @@ def main(argv=None) -> int:
                 progress_bar.close()
                 return fail(str(error))
         if stop_requested() and not finished:
-            accelerator.print(f"stop requested: checkpoint written at step {step}; resume with --resume auto")
+            accelerator.print(f"stop requested: checkpoint written at step {step}" + (
+                " (a --schedule-by-time run cannot resume)" if by_time else "; resume with --resume auto"))
             break
         if timed_out:
             progress_bar.close()
-            accelerator.print(f"--time-limit {config.time_limit:g} min reached at step {step} of {total_steps}: "
-                              f"checkpoint written; --resume auto continues the schedule")
+            if by_time:
+                accelerator.print(f"--time-limit {config.time_limit:g} min reached at step {step} (the schedule "
+                                  f"has {total_steps}): the schedule followed the clock to its end")
+            else:
+                accelerator.print(f"--time-limit {config.time_limit:g} min reached at step {step} of {total_steps}: "
+                                  f"checkpoint written; --resume auto continues the schedule")
             break
     progress_bar.close()
     if (step == total_steps or timed_out) and accelerator.is_main_process:
@@ -403,21 +425,27 @@ def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     return text
 
 
-def time_limit_check(minutes: float | None, accelerator):
-    """A per-step check that is True on every rank at the same step once `minutes` of wall time have
-    passed since this process started (imports and set-up included); all ranks must call it."""
+def wall_clock(minutes: float | None, accelerator):
+    """None without a time limit. Otherwise a per-step function: the share of the time left at its
+    creation that has passed since, and 1 once `minutes` of wall time have passed since this process
+    started (imports and set-up included). Every rank gets rank 0's value, so every rank must call it."""
     if minutes is None:
-        return lambda: False
+        return None
     import psutil
+    from accelerate.utils import broadcast
 
     deadline = psutil.Process().create_time() + minutes * 60
+    started = time.time()
 
-    def out_of_time() -> bool:
-        if time.time() >= deadline:
-            accelerator.set_trigger()
-        return accelerator.check_trigger()  # an all-reduce: ranks whose clocks differ stop together
+    def share_used() -> float:
+        now = time.time()
+        share = 1.0 if now >= deadline else (now - started) / (deadline - started)
+        if accelerator.num_processes == 1:
+            return share
+        # one clock for all ranks: they stop at the same step, and (by time) with the same LR
+        return broadcast(torch.tensor([share], dtype=torch.float64, device=accelerator.device)).item()
 
-    return out_of_time
+    return share_used
 
 
 def install_stop_handlers():

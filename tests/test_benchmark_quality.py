@@ -67,3 +67,27 @@ def test_pretrains_then_reports_knn_linear_random_init_and_pixels(tmp_path):
     assert row.startswith("| swav | resnet10t | 10 steps") and "| 100.0 / 100.0 |" in row
     manifest = json.loads((tmp_path / "work" / "shards" / "fashion-mnist-test" / "manifest.json").read_text())
     assert manifest["num_samples"] == 80
+
+
+@pytest.mark.slow
+def test_a_minutes_budget_trains_on_the_clock_and_ends_annealed_within_it(tmp_path):
+    data = tmp_path / "idx"
+    data.mkdir()
+    write_idx(data, "train", 320, seed=0)
+    write_idx(data, "t10k", 80, seed=1)
+    train_options = ("--backbone resnet10t --stem standard --multicrop 2x32+2x16 --batch-size 16 "
+                     "--data-threads 1 --log-every 1 --warmup-epochs 0")
+    result = run("--method", "swav", "--minutes", 0.4, "--fashion-mnist", data, "--work-dir", tmp_path / "work",
+                 "--train-options", train_options, "--threads", 1, "--name", "timed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "work" / "timed"
+    report = json.loads((run_dir / "quality.json").read_text())
+    assert report["config"]["time_limit"] == 0.4 and report["config"]["schedule_by_time"] is True
+    budget = report["budget"]
+    assert budget["planned_steps"] == report["config"]["max_steps"] and budget["steps"] > 1
+    assert budget["train_minutes"] < 0.4 + 0.25  # the limit counts from process start; then a checkpoint and the export
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    assert last["step"] == budget["steps"]
+    # the last step ran at (or next to) the end of the schedule, whatever the machine's speed did
+    assert last["schedule_step"] >= 0.8 * budget["planned_steps"]

@@ -283,9 +283,12 @@ def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
         (["--method", "simclr"], ["simclr trains on two views of one size", "2x32@0.08-1+2x16@0.08-1"]),
         (["--backbone-options", "no_such_option=3"], ["--backbone-options no_such_option=3", "no_such_option"]),
         (["--time-limit", 0], ["--time-limit 0", "positive number of minutes"]),
+        (["--schedule-by-time"], ["--schedule-by-time needs --time-limit"]),
+        (["--schedule-by-time", "--time-limit", 1, "--resume", "auto"], ["--schedule-by-time with --resume"]),
     ],
     ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data",
-         "multicrop-the-method-cannot-use", "backbone-option-timm-rejects", "time-limit-not-positive"],
+         "multicrop-the-method-cannot-use", "backbone-option-timm-rejects", "time-limit-not-positive",
+         "schedule-by-time-without-a-limit", "schedule-by-time-resumed"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty = tmp_path / "empty"
@@ -372,6 +375,26 @@ def test_a_time_limit_ends_the_run_with_a_checkpoint_and_the_backbone_and_resume
     assert_ok(result)
     assert list(losses(run)) == [1, 2, 3]
     assert checkpoints(run) == ["step-00000001", "step-00000003"]
+
+
+def test_a_schedule_by_time_follows_the_clock_past_the_planned_steps_and_ends_annealed(tmp_path):
+    run = tmp_path / "run"
+    # a schedule of 5 steps stretched over what is left of 24 s after the set-up: many more steps
+    # than 5, the LR falling with the share of the time used and at its final value at the end
+    result = train("--max-steps", 5, "--time-limit", 0.4, "--schedule-by-time", "--warmup-epochs", 0,
+                   "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run")
+    assert_ok(result)
+    records = [r for r in metrics(run) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 10, steps
+    assert f"--time-limit 0.4 min reached at step {steps[-1]} (the schedule has 5)" in result.stdout
+    positions = [r["schedule_step"] for r in records]
+    assert positions == sorted(positions) and positions[0] == 1 and positions[-1] == 5, positions
+    lrs = [r["lr"] for r in records]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 10 * lrs[-1], lrs  # cosine without warm-up
+    assert [r["lr"] for r in records if r["schedule_step"] == 5] == [lrs[-1]] * positions.count(5)
+    assert checkpoints(run) == [f"step-{steps[-1]:08d}"]
+    assert (run / "backbone.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- 6. full disk
@@ -462,11 +485,13 @@ def test_two_processes_train_one_model_on_disjoint_samples(tmp_path):
     assert set(keys[0]) | set(keys[1]) <= shard_keys(DATA)
 
 
-def test_two_processes_stop_together_at_the_time_limit(tmp_path):
+@pytest.mark.parametrize("by_time", [False, True], ids=["steps", "schedule-by-time"])
+def test_two_processes_stop_together_at_the_time_limit(tmp_path, by_time):
     result = launch_two_processes("--max-steps", 400, "--time-limit", 0.001, "--checkpoint-every", 1000,
-                                  "--output-dir", tmp_path, "--name", "run")
-    assert_ok(result)  # a rank that stopped alone would leave the other waiting in an all-reduce until the timeout
-    assert "reached at step 1 of 400" in result.stdout
+                                  "--output-dir", tmp_path, "--name", "run", *(["--schedule-by-time"] * by_time))
+    assert_ok(result)  # a rank that stopped alone would leave the other waiting in a collective until the timeout
+    expected = "reached at step 1 (the schedule has 400)" if by_time else "reached at step 1 of 400"
+    assert expected in result.stdout
     run = tmp_path / "run"
     assert checkpoints(run) == ["step-00000001"]
     meta = json.loads((run / "checkpoints" / "step-00000001" / "meta.json").read_text())
