@@ -52,8 +52,9 @@ class Config:
     epochs: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     time_limit: float | None = None  # minutes of wall time from process start; then checkpoint, export, stop
-    # with --time-limit: LR, weight decay and the method's schedules follow the share of the limit used, so the
-    # run ends annealed at the limit however fast the machine runs; --max-steps / --epochs set their resolution
+    # with --time-limit: LR, weight decay and the method's schedules follow the share of the limit used,
+    # so the run ends annealed at the limit however fast the machine runs; --max-steps / --epochs set
+    # the schedules' resolution
     schedule_by_time: bool = False
     lr: float | None = None  # base LR, scaled by the method's rule (e.g. x global batch / 256)
     optimizer: str | None = None  # lars | sgd | adamw

@@ -37,6 +37,22 @@ def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+TINY_TRAIN = "--backbone resnet10t --stem standard --multicrop 2x32+2x16 --data-threads 1 --log-every 1"
+
+
+def run_on_look_alike(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """benchmark_quality on 320 training and 80 test images of the look-alike, one thread, work dir
+    tmp_path/work; `args` give the budget, --train-options and --name."""
+    data = tmp_path / "idx"
+    data.mkdir()
+    write_idx(data, "train", 320, seed=0)
+    write_idx(data, "t10k", 80, seed=1)
+    result = run("--method", "swav", "--fashion-mnist", data, "--work-dir", tmp_path / "work", "--threads", 1,
+                 *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_a_missing_dataset_is_one_line_naming_the_folder_and_the_package(tmp_path):
     result = run("--fashion-mnist", tmp_path / "nowhere", "--work-dir", tmp_path)
     assert result.returncode == 2
@@ -47,15 +63,8 @@ def test_a_missing_dataset_is_one_line_naming_the_folder_and_the_package(tmp_pat
 
 @pytest.mark.slow
 def test_pretrains_then_reports_knn_linear_random_init_and_pixels(tmp_path):
-    data = tmp_path / "idx"
-    data.mkdir()
-    write_idx(data, "train", 320, seed=0)
-    write_idx(data, "t10k", 80, seed=1)
-    train_options = ("--backbone resnet10t --stem standard --multicrop 2x32+2x16 --batch-size 32 "
-                     "--data-threads 1 --log-every 1")
-    result = run("--method", "swav", "--epochs", 1, "--fashion-mnist", data, "--work-dir", tmp_path / "work",
-                 "--train-options", train_options, "--threads", 1, "--name", "tiny")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_look_alike(tmp_path, "--epochs", 1, "--train-options", TINY_TRAIN + " --batch-size 32",
+                      "--name", "tiny")
     report = json.loads((tmp_path / "work" / "tiny" / "quality.json").read_text())
     assert report["budget"]["steps"] == 10 and report["budget"]["epochs"] == pytest.approx(1.0)
     for part in ("pretrained", "random_init", "pixels"):
@@ -71,21 +80,15 @@ def test_pretrains_then_reports_knn_linear_random_init_and_pixels(tmp_path):
 
 @pytest.mark.slow
 def test_a_minutes_budget_trains_on_the_clock_and_ends_annealed_within_it(tmp_path):
-    data = tmp_path / "idx"
-    data.mkdir()
-    write_idx(data, "train", 320, seed=0)
-    write_idx(data, "t10k", 80, seed=1)
-    train_options = ("--backbone resnet10t --stem standard --multicrop 2x32+2x16 --batch-size 16 "
-                     "--data-threads 1 --log-every 1 --warmup-epochs 0")
-    result = run("--method", "swav", "--minutes", 0.4, "--fashion-mnist", data, "--work-dir", tmp_path / "work",
-                 "--train-options", train_options, "--threads", 1, "--name", "timed")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_look_alike(tmp_path, "--minutes", 0.4,
+                      "--train-options", TINY_TRAIN + " --batch-size 16 --warmup-epochs 0", "--name", "timed")
     run_dir = tmp_path / "work" / "timed"
     report = json.loads((run_dir / "quality.json").read_text())
     assert report["config"]["time_limit"] == 0.4 and report["config"]["schedule_by_time"] is True
     budget = report["budget"]
     assert budget["planned_steps"] == report["config"]["max_steps"] and budget["steps"] > 1
-    assert budget["train_minutes"] < 0.4 + 0.25  # the limit counts from process start; then a checkpoint and the export
+    # the limit counts from process start; after it come one checkpoint and the export
+    assert budget["train_minutes"] < 0.4 + 0.25
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["step"] == budget["steps"]
