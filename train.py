@@ -358,7 +358,7 @@ def main(argv=None) -> int:
                                   f"checkpoint written; --resume auto continues the schedule")
             break
     progress_bar.close()
-    if (step == total_steps or timed_out) and accelerator.is_main_process:
+    if ((step == total_steps and not by_time) or timed_out) and accelerator.is_main_process:
         path = run.export_backbone(model.eval_backbone, config,
                                    parse_options(config.backbone_options, "--backbone-options"),
                                    input_size=recipe.groups[0].size)
