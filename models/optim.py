@@ -15,7 +15,13 @@ class LARS(torch.optim.Optimizer):
     For each parameter w with gradient g (both nonzero):
         g <- eta * |w| / (|g| + wd * |w| + eps) * (g + wd * w)
     then the usual SGD momentum step. Groups with `lars_exclude=True` (biases, norms) get plain SGD
-    momentum: no adaptation and no weight decay.
+    momentum: no adaptation and no weight decay. Parameters without a gradient are skipped.
+
+    The step runs multi-tensor (`torch._foreach_*`) ops over each group's parameters and keeps the trust
+    ratios on the device (no host sync): about 20 ops per group plus one multiply per adapted parameter
+    (foreach has no fused form for per-tensor device scalars) instead of ~15 ops per adapted parameter.
+    timm's `Lars` differs: with |g| = 0 it still applies the decay, g <- g + wd * w (trust ratio 1), where
+    LARC leaves g = 0, and it adapts only groups with weight_decay != 0 unless `always_adapt`.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -31,25 +37,45 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not group["lars_exclude"]:
-                    decay = group["weight_decay"]
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(grad)
-                    trust = group["eta"] * w_norm / (g_norm + decay * w_norm + group["eps"])
-                    adapted = (grad + decay * p) * trust
-                    # torch.where instead of an `if`: no host sync per parameter
-                    grad = torch.where((w_norm > 0) & (g_norm > 0), adapted, grad)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p)
+            for params in by_device.values():
+                self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        grads = [p.grad for p in params]
+        fresh = False  # whether `grads` are new tensors (not the parameters' .grad)
+        if not group["lars_exclude"]:
+            decay = group["weight_decay"]
+            w_norms = torch.stack(torch._foreach_norm(params))
+            g_norms = torch.stack(torch._foreach_norm(grads))
+            trust = group["eta"] * w_norms / (g_norms + decay * w_norms + group["eps"])
+            # g <- scale * (g + wd * w) equals the rule above: both norms > 0 gives the trust ratio; otherwise
+            # g stays as it is: |w| = 0 means w = 0 (scale 1 adds nothing), |g| = 0 means g = 0 (scale 0)
+            g_positive = g_norms > 0
+            scale = torch.where((w_norms > 0) & g_positive, trust, g_positive.to(trust.dtype))
+            if decay:
+                grads = torch._foreach_add(grads, params, alpha=decay)
+                torch._foreach_mul_(grads, scale.unbind())
+            else:
+                grads = torch._foreach_mul(grads, scale.unbind())
+            fresh = True
+        buffers, started, started_grads = [], [], []
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = grad if fresh else grad.clone()
+            else:
+                started.append(state["momentum_buffer"])
+                started_grads.append(grad)
+            buffers.append(state["momentum_buffer"])
+        if started:
+            torch._foreach_mul_(started, group["momentum"])
+            torch._foreach_add_(started, started_grads)
+        torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def param_groups(
