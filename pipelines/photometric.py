@@ -17,8 +17,11 @@ being brightness, contrast, saturation or the identity for that sample (`_jitter
 ops are `clamp(f * x + (1 - f) * ref, 0, 1)` with ref = 0, the grey mean or the grey image, and the
 identity is f = 1, which leaves a [0, 1] image bit-exact. The hue shift is HSV as one elementwise
 expression. Unselected samples pass through exactly (`torch.where`). Blur (a spatial op: two depthwise
-convolutions, eager) and solarize then run on the samples that drew them, followed by their
-normalisation (`_back`).
+convolutions, eager) and solarize then run, followed by the normalisation of the samples they touched
+(`_back`). On CPU they run on the samples that drew them only (found by index); on CUDA on every sample
+of a group that uses them, with `torch.where` keeping the result per sample, so no step of the stage
+waits for the device (no `.any()`, `.nonzero()` or host-to-device copy per call). Both forms give the
+same images from the same draws (`branch_free=` in the constructor picks one; the tests compare them).
 
 `_front` and `_back` are compiled with `torch.compile(dynamic=True)` (one compile per process, reused
 for every crop size and batch size) when the group's crops are at least `COMPILE_MIN_SIZE` pixels wide
@@ -217,6 +220,8 @@ class _GroupParameters:
             "solarize": any(v.solarize_p > 0 for v in views),
         }
         self.jitter_ops = [op for op in _JITTER_OPS if any(getattr(v, op) > 0 for v in views)]
+        active = [op in self.jitter_ops for op in _JITTER_OPS]
+        self.jitter_active = torch.tensor(active, device=device).view(1, 4)
 
 
 def _compile_setting(compile: bool | None) -> str:
@@ -233,11 +238,14 @@ class PhotometricStage:
 
     `implementation`: "fused" (the default; compiled per `compile`, see the module docstring) or
     "reference" (the Kornia op chain). `chunk_pixels`: how many pixels the fused form processes per call
-    (default: ~4 images of 224 px on CPU, the whole group on GPU).
+    (default: ~4 images of 224 px on CPU, the whole group on GPU). `branch_free`: blur and solarize every
+    sample of the group and select per sample, instead of indexing the samples that drew them (default:
+    on CUDA only).
     """
 
     def __init__(self, recipe: Recipe, device: torch.device | str, generator: torch.Generator,
-                 implementation: str = "fused", compile: bool | None = None, chunk_pixels: int | None = None):
+                 implementation: str = "fused", compile: bool | None = None, chunk_pixels: int | None = None,
+                 branch_free: bool | None = None):
         if implementation not in ("fused", "reference"):
             raise ValueError(f"implementation {implementation!r}: use 'fused' or 'reference'")
         self.recipe = recipe
@@ -251,6 +259,9 @@ class PhotometricStage:
         if chunk_pixels is None:
             chunk_pixels = _CPU_CHUNK_PIXELS if self.device.type == "cpu" else 2**62
         self.chunk_pixels = chunk_pixels
+        # a data-dependent branch or index waits for a GPU, so there compute every sample; a CPU has nothing
+        # to wait for, and blurring the samples that did not draw blur would cost real time
+        self.branch_free = self.device.type == "cuda" if branch_free is None else branch_free
         self._normalise = recipe.mean is not None
         self._mean = torch.tensor(recipe.mean if self._normalise else (0.0, 0.0, 0.0), device=self.device)
         self._std = torch.tensor(recipe.std if self._normalise else (1.0, 1.0, 1.0), device=self.device)
@@ -301,7 +312,7 @@ class PhotometricStage:
         per_view = n // count
 
         def per_sample(values: torch.Tensor) -> torch.Tensor:
-            return values.repeat_interleave(per_view)
+            return values.repeat_interleave(per_view, output_size=n)  # a known size: no device sync
 
         draws = self._draw(n, params, per_sample)
         if record is not None:
@@ -317,7 +328,7 @@ class PhotometricStage:
         no = torch.zeros(n, dtype=torch.bool, device=device)
         if "jitter" in draws:
             factors = torch.stack([draws[f"jitter_{op}"] for op in _JITTER_OPS], 1)
-            active = torch.tensor([op in params.jitter_ops for op in _JITTER_OPS], device=device).expand(n, 4)
+            active = params.jitter_active.expand(n, 4)
             kinds, slot_factors = _jitter_slots(draws["jitter_order"], factors, draws["jitter"], active)
             turns = draws["jitter_hue"]
             hue_on = draws["jitter"] & active[:, 3]
@@ -328,7 +339,7 @@ class PhotometricStage:
         blur_on = draws.get("blur", no)
         solarize_on = draws.get("solarize", no)
         late = blur_on | solarize_on
-        normalise_now = ~late if self._normalise else no
+        normalise_now, normalise_late = (~late, late) if self._normalise else (no, no)
         args = (kinds, slot_factors, turns, hue_on, draws.get("grayscale", no), normalise_now)
         step = max(1, self.chunk_pixels // (crops.shape[-2] * crops.shape[-1]))
         chunks = max(1, round(n / step))
@@ -336,6 +347,14 @@ class PhotometricStage:
         parts = [_FRONT(compiled, crops[a:b], *(arg[a:b] for arg in args), self._mean, self._std)
                  for a, b in zip(bounds[:-1], bounds[1:])]
         images = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if "blur" not in draws and "solarize" not in draws:
+            return images
+        if self.branch_free:
+            if "blur" in draws:
+                blurred = _gaussian_blur(images, params.blur_kernel, draws["blur_sigma"])
+                images = torch.where(blur_on.view(-1, 1, 1, 1), blurred, images)
+            normalise = normalise_late.view(-1, 1, 1, 1)
+            return _BACK(compiled, images, solarize_on, normalise, self._mean, self._std)
         if not bool(late.any()):
             return images
         index = late.nonzero().squeeze(1)
@@ -345,9 +364,9 @@ class PhotometricStage:
         if bool(blurred.any()):
             sigma = draws["blur_sigma"] if every else draws["blur_sigma"][index]
             selected = self._apply(selected, blurred, self._blur_depthwise(params), sigma)
-        normalise = torch.full((1, 1, 1, 1), self._normalise, device=device)
-        selected = _BACK(compiled, selected, solarize_on if every else solarize_on[index], normalise,
-                         self._mean, self._std)
+        normalise = normalise_late if every else normalise_late[index]
+        selected = _BACK(compiled, selected, solarize_on if every else solarize_on[index],
+                         normalise.view(-1, 1, 1, 1), self._mean, self._std)
         if every:
             return selected
         images[index] = selected

@@ -185,6 +185,24 @@ def test_fused_form_equals_the_kornia_op_chain(recipe_index):
         torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["swav", "byol"])
+def test_branch_free_form_equals_the_indexed_form(method):
+    """Blur and solarize on every sample with a per-sample select (the CUDA form) give the images of
+    blurring and solarizing the selected samples only (the CPU form), from the same draws."""
+    recipe = preset(method).with_multicrop("2x24+2x12" if method == "swav" else "2x24")
+    assert not _stage(recipe).branch_free  # CPU default
+    for group_index, group in enumerate(recipe.groups):
+        images = _images(group.count * 40, size=group.size, seed=group_index)
+        indexed_record, free_record = {}, {}
+        indexed = _stage(recipe, compile=False, branch_free=False)(images, group_index, indexed_record)
+        free = _stage(recipe, compile=False, branch_free=True)(images, group_index, free_record)
+        for key in indexed_record:
+            assert torch.equal(free_record[key], indexed_record[key]), key
+        for name in ("blur", "solarize") if method == "byol" else ("blur",):
+            assert 0 < int(indexed_record[name].sum()) < len(images), name  # some samples, not all
+        torch.testing.assert_close(free, indexed, atol=1e-6, rtol=0)
+
+
 def test_fused_form_does_not_depend_on_the_chunking():
     recipe = _strong_recipes()[0]
     images = _images(30)
