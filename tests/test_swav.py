@@ -257,6 +257,7 @@ def test_queue_starts_at_its_epoch_fills_fifo_and_is_used_only_when_full():
         lambda module, inputs, output: prototype_calls.append(output.detach()))
 
     _, metrics = method(random_views(batch_size, [(2, 8), (2, 4)], seed=0), progress(epoch=0))
+    method.after_step(progress(epoch=0))
     assert method.queue.shape[1] == 0 and metrics["queue_in_use"] == 0.0
 
     history = []
@@ -267,6 +268,11 @@ def test_queue_starts_at_its_epoch_fills_fifo_and_is_used_only_when_full():
         batch = random_views(batch_size, [(2, 8), (2, 4)], seed=seed)
         loss, metrics = method(batch, progress(step=seed, epoch=1))
         assert method.queue.shape == (2, 12, 8)
+        # unchanged until the step is taken (the first batch of epoch 1 allocates it)
+        assert int(method.queue_filled) == filled_before
+        if seed > 1:
+            torch.testing.assert_close(method.queue, queue_before)
+        method.after_step(progress(step=seed, epoch=1))
         history.append(embeddings[-1][: 2 * batch_size].view(2, batch_size, -1))
         # newest first; older batches shift back, FIFO
         for age, past in enumerate(reversed(history[-3:])):
@@ -287,6 +293,7 @@ def test_queue_lands_in_the_state_dict_and_loads_into_a_fresh_method():
 
     method = tiny_swav(queue_length=8, queue_start_epoch=0)
     method(random_views(4, [(2, 8), (2, 4)]), progress())
+    method.after_step(progress())
     state = method.state_dict()
     assert state["queue"].shape == (2, 8, 8) and int(state["queue_filled"]) == 4
 

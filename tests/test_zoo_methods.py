@@ -161,20 +161,25 @@ def test_dino_center_is_the_momentum_average_of_teacher_outputs():
     with torch.no_grad():
         teacher_out = dino.teacher_head(dino.teacher_backbone(batch.views[0]))
     dino(batch, progress())
+    assert not dino.center.any()  # the centre moves with the step, not with the forward
+    dino.after_step(progress())
     torch.testing.assert_close(dino.center, 0.1 * teacher_out.mean(dim=0, keepdim=True))
 
 
-def test_mocov2_enqueues_normalised_keys_after_the_loss_and_wraps():
+def test_mocov2_enqueues_normalised_keys_with_the_step_and_wraps():
     moco = small("mocov2", queue_length=24)
     batch = batch_of(MoCoV2)  # B = 8
     initial = moco.queue.clone()
     moco(batch, progress())
+    assert torch.equal(moco.queue, initial)  # the queue moves with the step, not with the forward
+    moco.after_step(progress())
     with torch.no_grad():
         keys = moco.key_projector(moco.key_backbone(batch.views[0][8:]))
     torch.testing.assert_close(moco.queue[:8], torch.nn.functional.normalize(keys, dim=1))
     assert torch.equal(moco.queue[8:], initial[8:]) and int(moco.queue_position) == 8
-    moco(batch, progress(1))
-    moco(batch, progress(2))
+    for step in (1, 2):
+        moco(batch, progress(step))
+        moco.after_step(progress(step))
     assert int(moco.queue_position) == 0  # 3 x 8 = 24: back to the front
     with pytest.raises(ValueError, match="queue_length 20 is not a multiple of the global batch 8"):
         small("mocov2", queue_length=20)(batch, progress())

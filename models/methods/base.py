@@ -61,6 +61,13 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
     accepts_local_crops: ClassVar[bool] = False
     adamw_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    # several GPUs: batch norms synchronised across them (SyncBatchNorm), as the method's recipe does
+    sync_batch_norm: ClassVar[bool] = True
+    # Buffers DDP must not broadcast from rank 0 on every forward. PER_RANK: each rank keeps its own (a queue
+    # of its own embeddings), so checkpoints save and restore them per rank. REPLICATED: every rank computes
+    # the same value itself (from gathered or all-reduced data), so rank 0's copy in the checkpoint serves all.
+    PER_RANK_BUFFERS: ClassVar[tuple[str, ...]] = ()
+    REPLICATED_BUFFERS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, stem: str = "standard",
                  feature_dim: int | None = None, backbone_kwargs: dict | None = None):
@@ -77,6 +84,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             feature_dim = backbone.num_features
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self._ddp_params_and_buffers_to_ignore = [*self.PER_RANK_BUFFERS, *self.REPLICATED_BUFFERS]
 
     @classmethod
     def default_backbone(cls, on_gpu: bool) -> tuple[str, dict[str, Any]]:
@@ -154,11 +162,24 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             features += [self.backbone(group) for group in views[1:]]
         return features
 
+    def per_rank_state(self) -> dict[str, torch.Tensor]:
+        """This rank's own buffers (`PER_RANK_BUFFERS`), for its checkpoint file."""
+        return {name: buffer.detach().cpu().clone() for name, buffer in self.named_buffers()
+                if name in self.PER_RANK_BUFFERS}
+
+    def load_per_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.PER_RANK_BUFFERS) - set(state)
+        if missing:
+            raise KeyError(f"per-rank state lacks {', '.join(sorted(missing))}")
+        self.load_state_dict(state, strict=False)  # through the modules' load hooks (shapes, host mirrors)
+
     def before_optimizer_step(self, progress: Progress) -> None:
         pass
 
     def after_step(self, progress: Progress) -> None:
-        """Moves every EMA teacher towards its student (`ema_pairs`, `momentum`)."""
+        """Moves every EMA teacher towards its student (`ema_pairs`, `momentum`). State that follows the
+        weights (teachers, queues, centres) changes here, never in `training_step`, so a step the fp16
+        grad scaler skips (the loop then skips this too) leaves all of it as it was."""
         pairs = self.ema_pairs()
         if pairs:
             momentum = self.momentum(progress)

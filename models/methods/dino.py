@@ -26,6 +26,7 @@ class DINO(Method):
     name = "dino"
     recipe_preset = "dino"
     EMA_PAIRS = (("teacher_backbone", "backbone"), ("teacher_head", "head"))
+    REPLICATED_BUFFERS = ("center",)  # from teacher outputs all-reduced over ranks
     EVAL_BACKBONE = "teacher_backbone"  # upstream evaluates and releases the teacher
 
     # the ViT recipe (upstream's default); ResNets get upstream's R50 optimiser (`defaults`)
@@ -73,6 +74,7 @@ class DINO(Method):
         self.weight_decay_end = weight_decay_end if weight_decay_end is not None else (
             0.4 if is_vit(self.backbone) else None)
         self.register_buffer("center", torch.zeros(1, sizes["out_dim"]))
+        self._teacher_out: torch.Tensor | None = None
 
     def teacher_temperature(self, progress: Progress) -> float:
         epochs = -(-progress.total_steps // progress.steps_per_epoch)
@@ -93,8 +95,14 @@ class DINO(Method):
             teacher_out = self.teacher_head(self.teacher_backbone(batch.views[0]))  # the globals
         temperature = self.teacher_temperature(progress)
         loss = dino_loss(student_out, teacher_out, self.center, self.student_temperature, temperature)
-        self.center.copy_(dino_center_update(self.center, teacher_out, self.center_momentum))
+        self._teacher_out = teacher_out  # the centre moves with the step (after_step)
         return loss, {"loss": loss.detach(), "teacher_temperature": temperature}
+
+    def after_step(self, progress: Progress) -> None:
+        super().after_step(progress)
+        if self._teacher_out is not None:
+            self.center.copy_(dino_center_update(self.center, self._teacher_out, self.center_momentum))
+            self._teacher_out = None
 
     def before_optimizer_step(self, progress: Progress) -> None:
         if progress.epoch < self.freeze_last_layer_epochs:

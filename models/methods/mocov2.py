@@ -30,6 +30,8 @@ class MoCoV2(Method):
     paper = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, epochs=200, batch_size=32, multicrop="2x224")
     cpu_overrides = {"multicrop": "2x32", "epochs": 2, "batch_size": 64}
     ema_cosine = False
+    sync_batch_norm = False  # shuffle-BN instead: the key encoder's batch is shuffled across ranks
+    REPLICATED_BUFFERS = ("queue", "queue_position")  # filled from keys gathered over all ranks
 
     HEAD_PRESETS = {"paper": dict(hidden_dim=2048, out_dim=128, queue_length=65536, momentum=0.999),
                     # a short run on 10k images: a queue of ~half the set, and a key encoder that moves
@@ -47,6 +49,8 @@ class MoCoV2(Method):
         self.temperature = temperature
         self.register_buffer("queue", F.normalize(torch.randn(sizes["queue_length"], sizes["out_dim"]), dim=1))
         self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
+        self._position = 0  # queue_position on the host: reading the buffer each step would wait for the device
+        self._pending_keys: torch.Tensor | None = None
 
     def training_step(self, batch, progress: Progress):
         global_batch = batch.batch_size * world_size()
@@ -59,8 +63,14 @@ class MoCoV2(Method):
             keys = self._keys(key_view)
         # a copy: the enqueue below edits the queue in place, and backward still needs these keys
         loss = info_nce_loss(queries, keys, self.queue.clone(), self.temperature)
-        self._enqueue(F.normalize(keys.float(), dim=1))
+        self._pending_keys = F.normalize(keys.float(), dim=1)
         return loss, {"loss": loss.detach()}
+
+    def after_step(self, progress: Progress) -> None:
+        super().after_step(progress)
+        if self._pending_keys is not None:
+            self._enqueue(self._pending_keys)
+            self._pending_keys = None
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,6 +89,12 @@ class MoCoV2(Method):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         everyone = gather_with_grad(keys)
-        start = int(self.queue_position)
+        start = self._position
         self.queue[start : start + everyone.shape[0]] = everyone
-        self.queue_position.fill_((start + everyone.shape[0]) % self.queue.shape[0])
+        self._position = (start + everyone.shape[0]) % self.queue.shape[0]
+        self.queue_position.fill_(self._position)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "queue_position" in state_dict:
+            self._position = int(self.queue_position)

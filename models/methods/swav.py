@@ -33,6 +33,8 @@ class SwAV(Method):
     # in the short demo runs; kNN rises until about epoch 5 and levels off after (README, "Training")
     cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 5, "warmup_epochs": 0.0, "lr": 4.8, "batch_size": 32}
     accepts_local_crops = True
+    # each rank queues its own embeddings (as upstream): its queue is its own state
+    PER_RANK_BUFFERS = ("queue", "queue_filled")
 
     HEAD_PRESETS = {
         "paper": dict(hidden_dim=2048, out_dim=128, n_prototypes=3000, epsilon=0.05, freeze_prototypes_steps=None),
@@ -82,8 +84,8 @@ class SwAV(Method):
         # (n_assign, Q / world, D) once the global batch is known; buffers so that they are checkpointed
         self.register_buffer("queue", torch.zeros(n_assign, 0, out_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        # each rank keeps its own queue: DDP must not broadcast rank 0's over the others
-        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_filled"]
+        self._filled = 0  # queue_filled on the host: reading the buffer each step would wait for the device
+        self._pending: torch.Tensor | None = None  # embeddings to queue once the step is taken
 
     @classmethod
     def check_recipe(cls, recipe, batch_size: int) -> None:
@@ -107,9 +109,14 @@ class SwAV(Method):
         queue_scores = self._queue_scores(batch_size, progress)
         codes = swav_codes(crop_scores, self.n_assign, self.epsilon, self.sinkhorn_iterations, queue_scores)
         loss = swapped_prediction_loss(crop_scores, codes, self.temperature)
-        if self.queue.shape[1]:
-            self._enqueue(embeddings[: self.n_assign * batch_size].detach(), batch_size)
+        self._pending = embeddings[: self.n_assign * batch_size].detach() if self.queue.shape[1] else None
         return loss, self._metrics(loss, codes, queue_scores is not None)
+
+    def after_step(self, progress: Progress) -> None:
+        super().after_step(progress)
+        if self._pending is not None:
+            self._enqueue(self._pending, self._pending.shape[0] // self.n_assign)
+            self._pending = None
 
     def before_optimizer_step(self, progress: Progress) -> None:
         frozen = self.freeze_prototypes_steps
@@ -127,7 +134,7 @@ class SwAV(Method):
         if self.queue_length <= 0 or progress.epoch < self.queue_start_epoch:
             return None
         self._allocate_queue(batch_size)
-        if int(self.queue_filled) < self.queue.shape[1]:
+        if self._filled < self.queue.shape[1]:
             return None
         with torch.no_grad():
             return [self.prototypes(self.queue[i]) for i in range(self.n_assign)]
@@ -142,6 +149,7 @@ class SwAV(Method):
         if self.queue.shape[1] != length // world:
             self.queue = self.queue.new_zeros(self.n_assign, length // world, self.queue.shape[2])
             self.queue_filled.zero_()
+            self._filled = 0
 
     @torch.no_grad()
     def _enqueue(self, embeddings: torch.Tensor, batch_size: int) -> None:
@@ -149,7 +157,8 @@ class SwAV(Method):
         capacity = self.queue.shape[1]
         self.queue[:, batch_size:] = self.queue[:, : capacity - batch_size].clone()
         self.queue[:, :batch_size] = embeddings.view(self.n_assign, batch_size, -1)
-        self.queue_filled.add_(batch_size).clamp_(max=capacity)
+        self._filled = min(capacity, self._filled + batch_size)
+        self.queue_filled.fill_(self._filled)
 
     @torch.no_grad()
     def _metrics(self, loss: torch.Tensor, codes: list[torch.Tensor], queue_in_use: bool) -> dict:
@@ -171,3 +180,5 @@ class SwAV(Method):
         if stored is not None and stored.shape != self.queue.shape:
             self.queue = self.queue.new_zeros(stored.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "queue_filled" in state_dict:
+            self._filled = int(self.queue_filled)
