@@ -4,6 +4,11 @@ Geometry only; photometric work happens later on the training device (pipelines/
 Per view the pipeline also outputs the crop box in original-image pixels (y0, x0, h, w) and the flip
 flag, so masked and dense methods can relate views to each other. The flip is folded into the
 resize by swapping the ROI's x ends (DALI flips a ROI whose start exceeds its end), so it costs nothing.
+
+With a GPU (`DaliConfig.device_id` set) decoding is mixed and every output but the keys leaves DALI on
+the GPU: the crops because everything after the decoder runs there, the labels, image sizes, boxes and
+flips (computed on the CPU from the encoded bytes) because DALI copies them over in its own prefetching.
+The keys stay on the CPU, where they are decoded to strings.
 """
 
 from __future__ import annotations
@@ -108,6 +113,46 @@ def _random_view(image, shape_hw, group):
 STAGES = ("read", "decode", "crop")
 
 
+def define_graph(recipe: Recipe, shards: ShardSet, config: DaliConfig, upto: str = "crop") -> tuple:
+    """The pipeline's output DataNodes (see `build_pipeline`); call it inside a DALI pipeline's scope."""
+    jpegs, labels = fn.readers.webdataset(
+        paths=[str(path) for path in shards.tars],
+        index_paths=[str(path) for path in shards.indexes],
+        ext=["jpg", "lab.i32"],
+        dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="error",
+        shard_id=config.shard_id,
+        num_shards=config.num_shards,
+        random_shuffle=config.shuffle,
+        initial_fill=max(1, min(config.shuffle_buffer, shards.num_samples // config.num_shards)),
+        shuffle_after_epoch=config.shuffle,
+        **({"shuffle_after_epoch_seed": config.seed} if config.shuffle else {}),
+        pad_last_batch=True,
+        dont_use_mmap=True,
+        name=READER_NAME,
+    )
+    if upto == "read":
+        return jpegs, labels
+    decode_args = {"hw_decoder_load": config.hw_decoder_load} if config.decoder_device == "mixed" else {}
+    images = fn.decoders.image(jpegs, device=config.decoder_device, output_type=types.RGB, **decode_args)
+    if upto == "decode":
+        return images, labels
+
+    # The small CPU-computed outputs go to the GPU inside DALI, whose prefetching copies them ahead of
+    # time: a copy from pageable memory in the consumer (`.to(device)`) would block the host on the GPU.
+    def on_device(node):
+        return node if config.device_id is None else node.gpu()
+
+    keys = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0, shape=[_key_length(shards)])
+    shape_hw = fn.peek_image_shape(jpegs)[0:2]
+    outputs = [on_device(labels), keys, on_device(fn.cast(shape_hw, dtype=types.INT32))]
+    for group in recipe.groups:
+        for _ in range(group.count):
+            crop, box, flip = _random_view(images, shape_hw, group)
+            outputs += [crop, on_device(box), on_device(flip)]
+    return tuple(outputs)
+
+
 def build_pipeline(
     recipe: Recipe, shards: ShardSet, config: DaliConfig, checkpoint: str | None = None, upto: str = "crop"
 ):
@@ -118,39 +163,10 @@ def build_pipeline(
     """
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r} is not one of {STAGES}")
-    key_length = _key_length(shards)
 
     @pipeline_def(enable_checkpointing=True)
     def views_pipeline():
-        jpegs, labels = fn.readers.webdataset(
-            paths=[str(path) for path in shards.tars],
-            index_paths=[str(path) for path in shards.indexes],
-            ext=["jpg", "lab.i32"],
-            dtypes=[types.UINT8, types.INT32],
-            missing_component_behavior="error",
-            shard_id=config.shard_id,
-            num_shards=config.num_shards,
-            random_shuffle=config.shuffle,
-            initial_fill=max(1, min(config.shuffle_buffer, shards.num_samples // config.num_shards)),
-            shuffle_after_epoch=config.shuffle,
-            **({"shuffle_after_epoch_seed": config.seed} if config.shuffle else {}),
-            pad_last_batch=True,
-            dont_use_mmap=True,
-            name=READER_NAME,
-        )
-        if upto == "read":
-            return jpegs, labels
-        decode_args = {"hw_decoder_load": config.hw_decoder_load} if config.decoder_device == "mixed" else {}
-        images = fn.decoders.image(jpegs, device=config.decoder_device, output_type=types.RGB, **decode_args)
-        if upto == "decode":
-            return images, labels
-        keys = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0, shape=[key_length])
-        shape_hw = fn.peek_image_shape(jpegs)[0:2]
-        outputs = [labels, keys, fn.cast(shape_hw, dtype=types.INT32)]
-        for group in recipe.groups:
-            for _ in range(group.count):
-                outputs.extend(_random_view(images, shape_hw, group))
-        return tuple(outputs)
+        return define_graph(recipe, shards, config, upto)
 
     pipe = views_pipeline(
         batch_size=config.batch_size,

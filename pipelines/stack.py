@@ -145,14 +145,16 @@ class InputStack:
         return batch
 
     def _assemble(self, outputs: dict[str, torch.Tensor]) -> Batch:
+        # DALI hands every output but the keys over on `device` already (pipelines/dali_stage.py), as
+        # zero-copy views of its buffers; each is copied out here (cat, clone, a dtype change)
         device = self.device
         views, boxes, flips = [], [], []
         for group_index, group in enumerate(self.recipe.groups):
             names = [f"{group_index}_{view}" for view in range(group.count)]
             crops = torch.cat([outputs[f"view_{name}"] for name in names]).to(device, non_blocking=True)
             views.append(self.photometric(crops, group_index))
-            boxes.append(torch.cat([outputs[f"box_{name}"] for name in names]).to(device))
-            flips.append(torch.cat([outputs[f"flip_{name}"] for name in names]).to(device).bool())
+            boxes.append(torch.cat([outputs[f"box_{name}"] for name in names]))
+            flips.append(torch.cat([outputs[f"flip_{name}"] for name in names]).bool())
         masks = None
         if self.recipe.masking is not None:
             size = self.recipe.groups[0].size
@@ -161,8 +163,8 @@ class InputStack:
             views=views,
             boxes=boxes,
             flips=flips,
-            image_sizes=outputs["image_size"].clone().to(device),
-            labels=outputs["label"].view(-1).long().to(device),
+            image_sizes=outputs["image_size"].clone(),
+            labels=outputs["label"].view(-1).long(),
             masks=masks,
             raw_keys=outputs["key"].cpu().clone(),
         )

@@ -7,9 +7,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from nvidia.dali import Pipeline
 from PIL import Image
 
-from pipelines.dali_stage import DaliConfig, build_pipeline, output_names
+from pipelines.dali_stage import DaliConfig, build_pipeline, define_graph, output_names
 from pipelines.shards import DEMO_TRAIN, ShardError, open_shard_set
 from pipelines.spec import NO_PHOTOMETRIC, Recipe, ViewGroup, preset
 from pipelines.stack import InputStack
@@ -103,6 +104,18 @@ def test_dali_hands_over_planar_uint8_crops(demo):
     for name, size in (("view_0_1", 32), ("view_1_3", 16)):
         crops = outputs[name].as_array()
         assert crops.shape == (4, 3, size, size) and crops.dtype == np.uint8
+
+
+def test_under_mixed_decode_every_output_but_the_keys_leaves_dali_on_the_gpu(demo):
+    """Small outputs computed on the CPU are moved by DALI: the consumer never copies from pageable memory."""
+    recipe = preset("swav").with_multicrop("2x32+4x16")
+    for device_id, expected in ((None, "cpu"), (0, "gpu")):
+        config = DaliConfig(batch_size=4, device_id=device_id)
+        with Pipeline(batch_size=4, num_threads=1, device_id=device_id):  # the graph only: no GPU needed
+            nodes = define_graph(recipe, demo, config)
+        devices = dict(zip(output_names(recipe), (node.device for node in nodes)))
+        assert len(devices) == len(nodes) and devices.pop("key") == "cpu"
+        assert set(devices.values()) == {expected}, (device_id, devices)
 
 
 def test_masks_come_with_masked_recipes(demo):
