@@ -56,17 +56,25 @@ def patch_size(vit: nn.Module) -> int:
     return vit.patch_embed.patch_size[0]
 
 
-def visible(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The tokens (B, N, D) where `mask` (B, N) is False; every row hides the same number."""
-    return tokens[~mask].view(tokens.shape[0], -1, tokens.shape[-1])
+def visible_index(mask: torch.Tensor, num_visible: int) -> torch.Tensor:
+    """(B, num_visible): where each row of `mask` (B, N) is False, in increasing order; every row hides
+    N - num_visible patches. A stable sort puts them first: unlike boolean indexing, whose output size
+    depends on the data, it never waits for the device."""
+    return mask.to(torch.uint8).argsort(dim=1, stable=True)[:, :num_visible]
 
 
-def encode(vit: nn.Module, images: torch.Tensor, mask: torch.Tensor | None = None, final_norm: bool = True
+def take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (B, K) of each sample's tokens (B, N, D): (B, K, D)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def encode(vit: nn.Module, images: torch.Tensor, index: torch.Tensor | None = None, final_norm: bool = True
            ) -> torch.Tensor:
-    """[cls, visible patch tokens] through the ViT's blocks: (B, 1 + visible, D). `mask` None: all."""
+    """[cls, patch tokens at `index`] through the ViT's blocks: (B, 1 + K, D). `index` (B, K) holds each
+    sample's visible patches (`visible_index`); None: all of them."""
     tokens = vit.patch_embed(images) + vit.pos_embed[:, 1:]
-    if mask is not None:
-        tokens = visible(tokens, mask)
+    if index is not None:
+        tokens = take(tokens, index)
     cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
     tokens = vit.norm_pre(torch.cat([cls, tokens], dim=1))
     tokens = vit.blocks(tokens)

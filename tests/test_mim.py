@@ -15,7 +15,7 @@ from models.methods import Progress, create_method
 from models.methods.base import train_step
 from models.methods.sim import relative_patch_positions, relative_position_encoding
 from models.mim_losses import masked_patch_loss, normalized_pixel_targets, unigrad_dense_loss, unigrad_global_loss
-from models.vit import grid_sincos, patchify, sincos_2d
+from models.vit import grid_sincos, patchify, sincos_2d, take, visible_index
 from pipelines.masking import block_masks, random_masks
 from pipelines.spec import preset
 from pipelines.stack import InputStack
@@ -90,10 +90,55 @@ def test_masked_methods_freeze_sincos_positions_in_the_timm_vit():
 def test_mae_masks_from_the_stack_hide_exactly_three_quarters_of_each_view():
     method = tiny("mae")
     recipe = method.adapt_recipe(preset("mae").with_multicrop("1x16"))
-    assert recipe.masking.patch_size == 4
+    assert recipe.masking.patch_size == 4 and method.num_masked == 12  # the count the encoder relies on
     batch = next(InputStack(recipe, DEMO_VAL, 32, num_threads=1))
     assert batch.masks.shape == (32, 16) and (batch.masks.sum(dim=1) == 12).all()
     assert len({tuple(row.tolist()) for row in batch.masks}) > 20  # a fresh random subset per sample
+    assert method.visible_index(batch.masks).shape == (32, 4)
+
+
+@pytest.mark.parametrize("kind", ["random", "block"])
+def test_visible_index_takes_the_tokens_boolean_indexing_takes_in_their_order(kind):
+    generator = torch.Generator().manual_seed(8)
+    tokens = torch.randn(16, 49, 5, generator=generator)
+    if kind == "random":
+        mask = random_masks(16, 7, 37, generator, "cpu")
+    else:
+        mask = block_masks(16, 7, 29, generator, "cpu", min_block=4)
+    hidden = int(mask[0].sum())
+    index = visible_index(mask, 49 - hidden)
+    assert (index.diff(dim=1) > 0).all()
+    torch.testing.assert_close(take(tokens, index), tokens[~mask].view(16, -1, 5), rtol=0, atol=0)
+
+
+def reconstruct_through_the_mask(method, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MAE's reconstruction with boolean-mask indexing (the visible tokens out, then back in place)."""
+    vit, (b, n) = method.backbone, mask.shape
+    tokens = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+    tokens = tokens[~mask].view(b, -1, tokens.shape[-1])
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(b, -1, -1)
+    latent = method.decoder_embed(vit.norm(vit.blocks(vit.norm_pre(torch.cat([cls, tokens], dim=1)))))
+    patches = method.mask_token.expand(b, n, -1).clone()
+    patches[~mask] = latent[:, 1:].reshape(-1, latent.shape[-1])
+    tokens = torch.cat([latent[:, :1], patches], dim=1) + method.decoder_pos_embed
+    return method.decoder_pred(method.decoder_norm(method.decoder(tokens)))[:, 1:]
+
+
+def test_mae_reconstruction_and_its_gradients_equal_boolean_mask_indexing():
+    method, batch = tiny("mae"), mae_batch()
+    images, mask = batch.views[0], batch.masks
+    results = []
+    for reconstruct in (method.reconstruct, lambda x, m: reconstruct_through_the_mask(method, x, m)):
+        method.zero_grad(set_to_none=True)
+        prediction = reconstruct(images, mask)
+        (prediction * torch.linspace(-1, 1, prediction.shape[-1])).sum().backward()
+        results.append((prediction.detach(), {name: p.grad for name, p in method.named_parameters()
+                                              if p.grad is not None}))
+    (fast, fast_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(fast, reference)
+    assert fast_grads.keys() == reference_grads.keys() and "mask_token" in fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], reference_grads[name])
 
 
 def test_mae_encoder_sees_only_the_visible_patches_and_the_class_token():

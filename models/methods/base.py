@@ -28,7 +28,7 @@ from torch import nn
 from models.backbones import create_backbone, default_backbone, is_vit, running_stats_frozen
 from models.ema import cosine_momentum, ema_update_, frozen_copy
 from models.optim import param_groups
-from models.vit import check_masked_vit, patch_size, use_fixed_positions
+from models.vit import check_masked_vit, patch_size, use_fixed_positions, visible_index
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,7 @@ class MaskedImageMethod(Method):
     and the recipe's mask grid follows the ViT's patch size."""
 
     views: ClassVar[int] = 1  # views of the one crop group: 1 for MAE, 2 for SIM (only the first masked)
+    num_masked: int | None = None  # patches each mask hides, from the recipe (`adapt_recipe`)
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, **backbone_options):
         super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
@@ -251,7 +252,15 @@ class MaskedImageMethod(Method):
         if self.backbone.patch_embed.img_size[0] != size:
             raise ValueError(f"--backbone-options img_size={self.backbone.patch_embed.img_size[0]} differs from "
                              f"the {size}-px crops of --multicrop '{recipe.multicrop}': make them equal")
+        self.num_masked = masking.num_masked(size)
         return dataclasses.replace(recipe, masking=masking)
+
+    def visible_index(self, mask: torch.Tensor) -> torch.Tensor:
+        """Each row's visible patch positions (B, visible), in order (`models.vit.visible_index`). The count
+        comes from the recipe once `adapt_recipe` has seen it, without a host sync; masks from elsewhere
+        (tests, tools) have it read from their first row."""
+        hidden = self.num_masked if self.num_masked is not None else int(mask[0].sum())
+        return visible_index(mask, mask.shape[1] - hidden)
 
 
 def train_step(method: Method, optimizer: torch.optim.Optimizer, batch, progress: Progress) -> torch.Tensor:

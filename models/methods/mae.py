@@ -51,10 +51,12 @@ class MAE(MaskedImageMethod):
 
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-patch predictions (B, patches, patch * patch * 3) from the visible patches of `images`."""
-        latent = self.decoder_embed(encode(self.backbone, images, mask))
+        index = self.visible_index(mask)
+        latent = self.decoder_embed(encode(self.backbone, images, index))
         b, n = mask.shape
-        patches = self.mask_token.to(latent.dtype).expand(b, n, -1).clone()
-        patches[~mask] = latent[:, 1:].reshape(-1, latent.shape[-1])  # visible tokens back in place
+        patches = self.mask_token.to(latent.dtype).expand(b, n, -1)
+        # the visible tokens back in place (a scatter: no host sync, unlike assigning through the mask)
+        patches = patches.scatter(1, index.unsqueeze(-1).expand(-1, -1, latent.shape[-1]), latent[:, 1:])
         tokens = torch.cat([latent[:, :1], patches], dim=1) + self.decoder_pos_embed
         return self.decoder_pred(self.decoder_norm(self.decoder(tokens)))[:, 1:]
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.methods.base import MaskedImageMethod, Progress
 from models.mim_losses import unigrad_dense_loss, unigrad_global_loss
-from models.vit import TokenBatchNorm, encode, grid_sincos, init_like_mae, sincos_2d, transformer, visible
+from models.vit import TokenBatchNorm, encode, grid_sincos, init_like_mae, sincos_2d, take, transformer
 
 
 def relative_patch_positions(box1: torch.Tensor, flip1: torch.Tensor, box2: torch.Tensor, flip2: torch.Tensor,
@@ -107,10 +107,11 @@ class SIM(MaskedImageMethod):
 
     def predict(self, view1: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Predicted target tokens (B, grid * grid, dim) at the `queries` positions (B, grid * grid, 2 dim)."""
-        tokens = self.projector(self.decoder_embed(encode(self.backbone, view1, mask, final_norm=False)))
+        index = self.visible_index(mask)
+        tokens = self.projector(self.decoder_embed(encode(self.backbone, view1, index, final_norm=False)))
         b = tokens.shape[0]
         positions = self.decoder_pos_embed
-        visible_positions = visible(positions[:, 1:].expand(b, -1, -1), mask)
+        visible_positions = take(positions[:, 1:].expand(b, -1, -1), index)
         queries = self.mask_token + self.query_position(queries.to(tokens.dtype))
         sequence = torch.cat([tokens[:, :1] + positions[:, :1], tokens[:, 1:] + visible_positions, queries], 1)
         return self.predictor_out(self.predictor(sequence)[:, -queries.shape[1]:])
