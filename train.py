@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -27,12 +28,13 @@ import yaml
 
 from models.backbones import is_vit
 from models.checkpointing import CheckpointError, RunCheckpoints
-from models.knn import knn_accuracy
+from models.knn import bank_dtype, knn_predict
 from models.methods import create_method, method_class
 from models.methods.base import Progress
 from models.optim import build_optimizer, cosine_schedule
+from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set
-from pipelines.spec import RecipeError, eval_recipe, preset
+from pipelines.spec import RecipeError, preset
 from pipelines.stack import InputStack
 
 SMALL_IMAGE_CROPS = 64  # crops at most this large get a small-image ResNet stem by default
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
         train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
                                  seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
         val_shards = knn_monitor_data(config, accelerator)
+        monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
     except TypeError as error:  # an option the method or the timm model does not take
         return fail(f"--method-options {config.method_options} / --backbone-options {config.backbone_options}: "
                     f"{error}")
@@ -264,6 +267,8 @@ def main(argv=None) -> int:
             accelerator.print(f"note: {torch.get_num_threads()} CPU thread(s) per process of {cores} available; "
                               f"pass accelerate launch --num_cpu_threads_per_process {cores} (or set OMP_NUM_THREADS)")
     logger = run.logger(accelerator)
+    if monitor:
+        monitor.random_init_baseline(model.eval_backbone, start_step, logger)
     stop_requested = install_stop_handlers()
     keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
 
@@ -334,8 +339,9 @@ def main(argv=None) -> int:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses)}
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
-            if val_shards and evaluate_now:
-                summary["knn_top1"] = knn_monitor(model.eval_backbone, recipe, config, accelerator)
+            if monitor and evaluate_now:
+                summary["knn_top1"] = monitor.evaluate(model.eval_backbone)
+                summary["knn_random_init"] = monitor.baseline
                 logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, total_epochs))
         if step % config.checkpoint_every == 0 or finished or stop_requested():
@@ -389,40 +395,71 @@ def knn_monitor_data(config: Config, accelerator):
     return val_shards
 
 
-@torch.no_grad()
-def extract_features(backbone, recipe, data, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # small images are evaluated whole, as CIFAR-style protocols do; large ones resize 256 / crop 224
-    crop_fraction = 1.0 if recipe.groups[0].size <= SMALL_IMAGE_CROPS else 0.875
-    stack = InputStack(eval_recipe(recipe, crop_fraction=crop_fraction), data, batch_size, device=device,
-                       training=False, need_labels=True)
-    features, labels = [], []
-    for _ in range(stack.steps_per_epoch):
-        batch = next(stack)
-        features.append(backbone(batch.views[0]).float())
-        labels.append(batch.labels)
-    return torch.cat(features), torch.cat(labels)
+class KnnMonitor:
+    """Weighted kNN (k=20, T=0.07) top-1 on --val-data with --data as the memory bank, on every rank.
 
+    Its two evaluation input stacks are built once; each evaluation reads one epoch of both, every rank
+    its own share. The bank's shares are gathered so each rank holds the whole bank (rows L2-normalised,
+    `bank_dtype`: float16 on CUDA) and classifies its share of the queries; the correct counts are
+    summed across ranks, so every rank returns the same accuracy. `baseline` is the accuracy of the
+    randomly initialised backbone (None until `random_init_baseline`, or for a resumed run without it).
+    """
 
-def knn_monitor(backbone, recipe, config: Config, accelerator) -> float | None:
-    """Weighted kNN (k=20, T=0.07) top-1 on --val-data with --data as the memory bank (main process)."""
-    accuracy = None
-    if accelerator.is_main_process:
-        was_training = backbone.training
-        backbone.eval()
+    K, TEMPERATURE = 20, 0.07
+    # the baseline's metrics.jsonl record: {"step": 0, "epoch": 0, "knn_top1_random_init": x}
+    BASELINE_KEY = "knn_top1_random_init"
+
+    def __init__(self, config: Config, recipe, accelerator, val_shards):
+        self.accelerator = accelerator
+        self.num_classes = len(val_shards.classes)
+        self.baseline: float | None = None
         batch_size = max(config.batch_size, 256)
-        train_features, train_labels = extract_features(backbone, recipe, config.data, batch_size, accelerator.device)
-        val_features, val_labels = extract_features(backbone, recipe, config.val_data, batch_size, accelerator.device)
-        classes = open_shard_set(config.data).classes
-        accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes=len(classes))
-        backbone.train(was_training)
-    accelerator.wait_for_everyone()
-    return accuracy
+        where = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
+                     device=accelerator.device, num_threads=config.data_threads)
+        self.bank_stack = evaluation_stack(recipe, config.data, batch_size, **where)
+        self.query_stack = evaluation_stack(recipe, val_shards, batch_size, **where)
+
+    def evaluate(self, backbone) -> float:
+        """Top-1 in percent, the same on every rank (each rank must call it)."""
+        dtype = bank_dtype(self.accelerator.device)
+        with self.accelerator.autocast():  # the run's --mixed-precision
+            bank = extract_features(backbone, self.bank_stack, dtype=dtype, normalize=True)
+            queries = extract_features(backbone, self.query_stack, dtype=dtype, normalize=True)
+        bank = gather_features(bank)
+        scores = knn_predict(bank.features, bank.labels, queries.features, self.num_classes, self.K,
+                             self.TEMPERATURE)
+        del bank
+        counts = torch.tensor([(scores.argmax(1) == queries.labels).sum().item(), queries.labels.shape[0]],
+                              device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts[0].item() / counts[1].item() * 100
+
+    def random_init_baseline(self, backbone, start_step: int, logger) -> None:
+        """A fresh run (`start_step` 0) evaluates the backbone before its first step and logs it at step
+        0; a resumed run reads that record back from its metrics.jsonl (every rank gets rank 0's)."""
+        if start_step == 0:
+            self.baseline = self.evaluate(backbone)
+            logger.log({"step": 0, "epoch": 0, self.BASELINE_KEY: self.baseline})
+            self.accelerator.print(f"kNN top-1 at random init: {self.baseline:.2f}%")
+            return
+        from accelerate.utils import broadcast_object_list
+
+        found = [None]
+        if self.accelerator.is_main_process and logger.path.is_file():
+            for line in logger.path.read_text().splitlines():
+                if self.BASELINE_KEY in line:
+                    found[0] = json.loads(line).get(self.BASELINE_KEY, found[0])
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        self.baseline = found[0]
 
 
 def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     text = f"epoch {summary['epoch'] + 1}/{total_epochs}: mean loss {summary['mean_loss']:.4f}"
     if summary.get("knn_top1") is not None:
         text += f" | kNN top-1 {summary['knn_top1']:.2f}%"
+        if summary.get("knn_random_init") is not None:
+            text += f" (random init {summary['knn_random_init']:.2f}%)"
     return text
 
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from models.knn import knn_predict  # noqa: E402
+from models.knn import knn_predict, l2_normalize_  # noqa: E402
+from pipelines.features import evaluation_stack, extract_features  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
 
 PROG = "eval_knn"
@@ -91,10 +92,11 @@ def extract(backbone, info: dict, shards, size: int, batch_size: int, device) ->
     the normalisation of the method the backbone was trained with."""
     from models.methods import method_class
     from pipelines.spec import preset
-    from train import extract_features
 
     recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
-    return extract_features(backbone, recipe, shards, batch_size, torch.device(device))
+    stack = evaluation_stack(recipe, shards, batch_size, device=torch.device(device))
+    extracted = extract_features(backbone, stack)
+    return extracted.features, extracted.labels
 
 
 def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07, size=None, batch_size=256,
@@ -107,6 +109,7 @@ def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07
     size = size or info.get("input_size") or 224
     backbone = backbone.to(device)
     bank, bank_labels = extract(backbone, info, train_shards, size, batch_size, device)
+    l2_normalize_(bank)
     queries, query_labels = extract(backbone, info, val_shards, size, batch_size, device)
     results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
                "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature, "k": {}}

@@ -76,15 +76,17 @@ def probe(train_x, train_y, val_x, val_y, num_classes: int, weight_decays=WEIGHT
 
 
 def cached_features(backbone_path, info, backbone, shards, size, batch_size, device):
-    """Features of `shards` at `size`, cached under the backbone's folder, keyed by the weights and data."""
+    """Features of `shards` at `size` as CPU tensors, cached under the backbone's folder, keyed by the
+    weights and data; the cache loads onto the CPU, so one written on a GPU machine reads anywhere."""
     weights = Path(backbone_path) / (info.get("file") or "model.safetensors")
     key = hashlib.sha1(f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
                        .encode()).hexdigest()[:16]
     cache = Path(backbone_path) / "linear_probe_cache" / f"{key}.pt"
     if cache.is_file():
-        stored = torch.load(cache, weights_only=True)
+        stored = torch.load(cache, map_location="cpu", weights_only=True)
         return stored["features"], stored["labels"]
     features, labels = extract(backbone, info, shards, size, batch_size, device)
+    features, labels = features.cpu(), labels.cpu()
     cache.parent.mkdir(exist_ok=True)
     temporary = cache.with_suffix(".tmp")
     torch.save({"features": features, "labels": labels}, temporary)
@@ -112,8 +114,7 @@ def main(argv=None) -> int:
     backbone = backbone.to(device)
     train_x, train_y = cached_features(folder, info, backbone, train_shards, size, args.batch_size, device)
     val_x, val_y = cached_features(folder, info, backbone, val_shards, size, args.batch_size, device)
-    results = probe(train_x.cpu(), train_y.cpu(), val_x.cpu(), val_y.cpu(), len(train_shards.classes),
-                    args.weight_decays)
+    results = probe(train_x, train_y, val_x, val_y, len(train_shards.classes), args.weight_decays)
     print(f"{info['timm_name']} at {size} px, {train_x.shape[1]}-d features: weight decay {results['weight_decay']:g} "
           f"(held-out top-1 by weight decay: " + ", ".join(f"{wd:g}: {acc:.1f}" for wd, acc in results["held_out_top1"].items())
           + ")")
