@@ -111,9 +111,28 @@ def test_linear_probe_on_a_run_caches_its_features(short_run, tmp_path):
     assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3", "--json", str(out)]) == 0
     first = json.loads(out.read_text())
     assert first["top1"] > 30  # fitted on the very images it is scored on
-    assert len(list((short_run / "linear_probe_cache").glob("*.pt"))) == 1  # train and val are one set here
-    assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3", "--json", str(out)]) == 0
+    (cache,) = (short_run / "linear_probe_cache").glob("*.pt")  # train and val are one set here
+    # every storage in the file is tagged "cpu" (what a load without map_location would restore it to)
+    locations = []
+    stored = torch.load(cache, weights_only=True,
+                        map_location=lambda storage, where: locations.append(where) or storage)
+    assert stored.keys() == {"features", "labels"} and stored["features"].shape[0] == 2000
+    assert locations and set(locations) == {"cpu"}
+
+    # the same cache as a GPU machine would have written it (storages tagged cuda:0) loads here too
+    # (a tagger registered ahead of torch's own names the location every storage is saved with)
+    retag = ("import sys, torch\n"
+             "torch.serialization.register_package(0, lambda storage: 'cuda:0', lambda s, where: None)\n"
+             "torch.save(torch.load(sys.argv[1], weights_only=True), sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", retag, str(cache)], check=True, timeout=120)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(cache, weights_only=True)
+    mtime = cache.stat().st_mtime_ns
+    assert probe_main([str(short_run), "--train", DATA, "--val", DATA, "--weight-decays", "1e-3",
+                       "--json", str(out)]) == 0
     assert json.loads(out.read_text())["top1"] == first["top1"]
+    assert cache.stat().st_mtime_ns == mtime  # read, not extracted and written again
 
 
 @pytest.mark.slow
