@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import timm
+import torch
 from torch import nn
 
 UNKNOWN_BACKBONE = (
@@ -71,14 +72,26 @@ def adapt_stem(model: nn.Module, stem: str, name: str = "this model") -> nn.Modu
 @contextlib.contextmanager
 def running_stats_frozen(model: nn.Module):
     """Inside, batch norms still normalise with batch statistics (in train mode) but leave their running
-    estimates, and their batch count, as they were."""
+    estimates, and their batch count, as they were.
+
+    The buffers are saved on entry and written back on exit (a few kernels, no host sync); the modules'
+    attributes never change, so a compiled backbone keeps its graphs (toggling `momentum`, a float
+    that torch.compile guards on, would not)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for norm in norms:
-        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    if not norms:
+        yield
+        return
+    stats = [stat for m in norms for stat in (m.running_mean, m.running_var)]
+    counts = [m.num_batches_tracked for m in norms]
+    with torch.no_grad():
+        saved_stats = torch.cat([stat.view(-1) for stat in stats])
+        saved_counts = torch.stack(counts)
     try:
         yield
     finally:
-        for norm, (momentum, count) in zip(norms, saved):
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(count)
+        # through `.data`: a training-mode batch norm keeps its running buffers for backward (unread there),
+        # and a tracked in-place write would fail that backward's version check
+        with torch.no_grad():
+            saved = saved_stats.split([stat.numel() for stat in stats])
+            torch._foreach_copy_([stat.data for stat in stats], saved)
+            torch._foreach_copy_([count.data for count in counts], saved_counts.unbind())

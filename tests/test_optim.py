@@ -43,8 +43,8 @@ class ReferenceLARS(torch.optim.Optimizer):
 
 def small_model() -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
-                          nn.Linear(5, 3, bias=False))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 3, bias=False))
     with torch.no_grad():
         model[5].weight.zero_()  # |w| = 0 at first: the gradient passes unadapted (and |g| = 0 upstream)
     return model

@@ -162,6 +162,18 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             features += [self.backbone(group) for group in views[1:]]
         return features
 
+    def backbones(self) -> list[nn.Module]:
+        """The backbone and its EMA teachers (`EMA_PAIRS` entries whose student is the backbone)."""
+        teachers = [getattr(self, teacher) for teacher, student in self.EMA_PAIRS if student == "backbone"]
+        return [self.backbone, *teachers]
+
+    def compile_backbone(self, **options) -> None:
+        """`torch.compile` (with `options`) in place what the training step runs through the backbone and its
+        EMA teachers: their forward. In place: parameter names stay timm's, so checkpoints and the export
+        don't depend on it."""
+        for backbone in self.backbones():
+            backbone.compile(**options)
+
     def per_rank_state(self) -> dict[str, torch.Tensor]:
         """This rank's own buffers (`PER_RANK_BUFFERS`), for its checkpoint file."""
         return {name: buffer.detach().cpu().clone() for name, buffer in self.named_buffers()
@@ -261,6 +273,12 @@ class MaskedImageMethod(Method):
         (tests, tools) have it read from their first row."""
         hidden = self.num_masked if self.num_masked is not None else int(mask[0].sum())
         return visible_index(mask, mask.shape[1] - hidden)
+
+    def compile_backbone(self, **options) -> None:
+        """Masked methods never call the ViT's forward: `models.vit.encode` runs its blocks on the visible
+        tokens, so the blocks are what gets compiled (in place), in the backbone and its EMA teachers."""
+        for backbone in self.backbones():
+            backbone.blocks.compile(**options)
 
 
 def train_step(method: Method, optimizer: torch.optim.Optimizer, batch, progress: Progress) -> torch.Tensor:
