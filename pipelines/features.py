@@ -70,7 +70,7 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], stack: In
     try:
         for _ in range(stack.steps_per_epoch):
             batch = next(stack)
-            if features is None:  # the epoch is known once its first batch is read
+            if labels is None:  # the epoch (so the shard) is known once its first batch is read
                 world = stack.dali.num_shards
                 expected = shard_size(stack.shards.num_samples, world, (stack.rank + stack.epoch) % world)
                 labels = torch.empty(expected, dtype=torch.long, device=stack.device)
