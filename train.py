@@ -11,6 +11,7 @@ per-iteration LR (and weight-decay) schedules are explicit arrays, the method do
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -38,6 +39,7 @@ from pipelines.spec import RecipeError, preset
 from pipelines.stack import InputStack
 
 SMALL_IMAGE_CROPS = 64  # crops at most this large get a small-image ResNet stem by default
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -69,6 +71,11 @@ class Config:
     resume: str | None = None  # a checkpoint directory, a run directory, or "auto" (latest of --name)
     compile: bool = False
     channels_last: bool = False
+    # no | bf16 | fp16; None: the launcher's choice if it made one (accelerate launch --mixed_precision), else
+    # bf16 on a CUDA GPU that supports it and no (float32) elsewhere
+    mixed_precision: str | None = None
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions, cuDNN autotuning (float32 runs and autocast)
+    sync_bn: bool | None = None  # several GPUs: SyncBatchNorm; None: as the method's recipe says
     eval_every: int = 1  # epochs between kNN evaluations (and always at the end); 0: only at the end
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and always at the end)
     keep_checkpoints: int = 3
@@ -81,7 +88,7 @@ class Config:
     # `--resume runs/x` needs neither, and a moved or copied run directory resumes)
     RESUMABLE_DIFFERENCES = ("resume", "config", "name", "output_dir", "max_steps", "time_limit", "epochs",
                              "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "data_threads",
-                             "compile", "log_keys")
+                             "compile", "log_keys", "tf32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +120,9 @@ def parse_config(argv=None) -> Config:
             raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
         values.update(loaded)
     values.update(given)
+    precision = values.get("mixed_precision")
+    if precision is not None and precision not in MIXED_PRECISION:
+        raise ConfigError(f"--mixed-precision {precision}: use one of {', '.join(MIXED_PRECISION)}")
     limit = values.get("time_limit")
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ConfigError(f"--time-limit {limit}: give a positive number of minutes")
@@ -210,8 +220,14 @@ def main(argv=None) -> int:
 
     # Without CUDA, say so: Accelerate 1.15 picks MULTI_CPU (gloo) only when cpu=True; otherwise
     # `accelerate launch --multi_gpu` (or torchrun) starts N independent single-process runs in one run dir
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    config = dataclasses.replace(config, mixed_precision=config.mixed_precision or default_mixed_precision())
+    try:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    except ValueError as error:  # e.g. fp16 without a GPU
+        return fail(f"--mixed-precision {config.mixed_precision}: {error}")
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        use_fast_cuda_kernels(config.tf32)
     try:
         config, recipe, cls = resolve(config, accelerator.device, world)
         set_seed(config.seed)
@@ -241,6 +257,7 @@ def main(argv=None) -> int:
     wd_schedule = method.weight_decay_schedule(config.weight_decay, total_steps)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    config, batch_norm_note = synchronise_batch_norm(config, cls, method, accelerator.device.type, world)
     optimizer = build_optimizer(config.optimizer, method.param_groups(config.weight_decay), lr=lr,
                                 betas=method.adamw_betas)
     method, optimizer = accelerator.prepare(method, optimizer)
@@ -253,14 +270,15 @@ def main(argv=None) -> int:
     start_step = 0
     if config.resume:
         try:
-            start_step = run.resume(config.resume, config, accelerator, train_stack)
+            start_step = run.resume(config.resume, config, accelerator, train_stack, model)
         except CheckpointError as error:
             return fail(str(error))
     if accelerator.is_main_process:
-        run.write_config(config, recipe)
+        run.write_config(config, recipe, runtime=runtime_settings(config, accelerator, batch_norm_note))
         accelerator.print(recipe.describe())
         accelerator.print(f"{config.method} | {config.backbone} | {world} process(es) x batch {config.batch_size} "
                           f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
+        accelerator.print(f"{accelerator.device.type} | mixed precision {config.mixed_precision} | {batch_norm_note}")
         cores = cores_per_process(world)
         if accelerator.device.type == "cpu" and torch.get_num_threads() < cores:
             # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: 1.7x slower on 2 cores
@@ -269,22 +287,19 @@ def main(argv=None) -> int:
     logger = run.logger(accelerator)
     if monitor:
         monitor.random_init_baseline(model.eval_backbone, start_step, logger)
-    stop_requested = install_stop_handlers()
     keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
 
     progress_bar = make_progress_bar(accelerator, total_steps, start_step)
+    signals = StepSignals(accelerator, install_stop_handlers(), time_share(config.time_limit))
     step = start_step
-    loss_value = float("nan")
     window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
     epoch_losses = []
     timed_out = False
     by_time = config.schedule_by_time
-    time_used = wall_clock(config.time_limit, accelerator)
-    share_used = 0.0
     while by_time or step < total_steps:
         epoch = step // steps_per_epoch
         # the index into the schedule arrays: the step, or (--schedule-by-time) the share of the time limit used
-        at = min(total_steps - 1, int(share_used * total_steps)) if by_time else step
+        at = min(total_steps - 1, int(signals.time_share * total_steps)) if by_time else step
         progress = Progress(step=at, epoch=at // steps_per_epoch, total_steps=total_steps,
                             steps_per_epoch=steps_per_epoch)
         # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
@@ -299,32 +314,37 @@ def main(argv=None) -> int:
         if config.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
 
+        # ---- one step
         with accelerator.autocast():
             loss, metrics = method(batch, progress)
-        if not torch.isfinite(loss.detach()).all():
-            progress_bar.close()  # the error goes on its own line, after the bar
-            # step + 1: the numbering of metrics.jsonl and checkpoints (optimizer steps done after this one)
-            return fail(f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); the last good "
-                        f"checkpoint in {run.checkpoint_dir} is kept: lower --lr or check the data")
-        accelerator.backward(loss)
-        model.before_optimizer_step(progress)
-        if config.grad_clip:
-            accelerator.clip_grad_norm_(method.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.after_step(progress)
+        signals.push(step + 1, loss)  # step + 1: the numbering of metrics.jsonl and checkpoints
+        optimizer_step(accelerator, method, optimizer, loss, progress, config.grad_clip)
         step += 1
-        if time_used:
-            share_used = time_used()  # every step, on every rank: a collective
-            timed_out = share_used >= 1 and (by_time or step < total_steps)
-
-        loss_value = loss.item()
-        epoch_losses.append(loss_value)
         window_images += config.batch_size * world
-        if step % config.log_every == 0 or step == total_steps or timed_out:
+
+        # ---- what every rank agrees on: read a step late, unless this step logs, evaluates or checkpoints
+        epoch_done = step % steps_per_epoch == 0
+        planned_end = step == total_steps and not by_time
+        decide_now = (step % config.log_every == 0 or step % config.checkpoint_every == 0 or epoch_done
+                      or planned_end)
+        signals.update(wait=decide_now)
+        if not decide_now and (signals.stop or signals.time_share >= 1):
+            signals.update(wait=True)  # this step will checkpoint: its own loss must be known to be finite
+        if signals.non_finite is not None:
+            progress_bar.close()  # the error goes on its own line, after the bar
+            bad_step, value = signals.non_finite
+            shown = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another process"
+            return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch {(bad_step - 1) // steps_per_epoch})"
+                                   f"; the last good checkpoint in {run.checkpoint_dir} is kept: lower --lr or "
+                                   f"check the data")
+        epoch_losses += signals.take_losses()
+        timed_out = signals.time_share >= 1 and (by_time or step < total_steps)
+        finished = planned_end or timed_out
+
+        if step % config.log_every == 0 or finished:
             elapsed = time.perf_counter() - window_started
             waited = (train_stack.wait_seconds - window_wait) / max(elapsed, 1e-9)
-            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_schedule[at],
+            record = {"step": step, "epoch": epoch, "loss": signals.last_loss, "lr": lr_schedule[at],
                       "images_per_second": window_images / max(elapsed, 1e-9), "data_wait": waited}
             if by_time:
                 record["schedule_step"] = at + 1
@@ -333,10 +353,9 @@ def main(argv=None) -> int:
             progress_bar.update(step, record)
             window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
 
-        epoch_done = step % steps_per_epoch == 0
-        finished = (step == total_steps and not by_time) or timed_out
+        # ---- end of an epoch
         if epoch_done or finished:
-            summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses)}
+            summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / max(len(epoch_losses), 1)}
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if monitor and evaluate_now:
@@ -344,13 +363,14 @@ def main(argv=None) -> int:
                 summary["knn_random_init"] = monitor.baseline
                 logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, total_epochs))
-        if step % config.checkpoint_every == 0 or finished or stop_requested():
+        if step % config.checkpoint_every == 0 or finished or signals.stop:
             try:
-                run.save(step, config, accelerator, train_stack)
+                run.save(step, config, accelerator, train_stack, model)
             except CheckpointError as error:  # e.g. a full disk: one line, the previous checkpoint is kept
                 progress_bar.close()
                 return fail(str(error))
-        if stop_requested() and not finished:
+        if signals.stop and not finished:
+            progress_bar.close()
             accelerator.print(f"stop requested: checkpoint written at step {step}" + (
                 " (a --schedule-by-time run cannot resume)" if by_time else "; resume with --resume auto"))
             break
@@ -463,27 +483,100 @@ def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     return text
 
 
-def wall_clock(minutes: float | None, accelerator):
-    """None without a time limit. Otherwise a per-step function: the share of the time left at its
-    creation that has passed since, and 1 once `minutes` of wall time have passed since this process
-    started (imports and set-up included). Every rank gets rank 0's value, so every rank must call it."""
+def optimizer_step(accelerator, method, optimizer, loss: torch.Tensor, progress: Progress,
+                   grad_clip: float | None = None) -> None:
+    """Backward and the optimizer step in the order `Method` documents. The method's after-step state
+    (EMA teachers, queues, centres) moves only when the optimizer really stepped: the fp16 grad scaler
+    skips steps whose gradients overflowed."""
+    model = accelerator.unwrap_model(method)
+    accelerator.backward(loss)
+    model.before_optimizer_step(progress)
+    if grad_clip:
+        accelerator.clip_grad_norm_(method.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not optimizer.step_was_skipped:
+        model.after_step(progress)
+
+
+def time_share(minutes: float | None):
+    """None without a time limit. Otherwise a function: the share of the time left at its creation that
+    has passed since, and 1 once `minutes` of wall time have passed since this process started (imports
+    and set-up included). Each rank measures its own; `StepSignals` makes every rank use the largest."""
     if minutes is None:
         return None
     import psutil
-    from accelerate.utils import broadcast
 
     deadline = psutil.Process().create_time() + minutes * 60
     started = time.time()
 
     def share_used() -> float:
         now = time.time()
-        share = 1.0 if now >= deadline else (now - started) / (deadline - started)
-        if accelerator.num_processes == 1:
-            return share
-        # one clock for all ranks: they stop at the same step, and (by time) with the same LR
-        return broadcast(torch.tensor([share], dtype=torch.float64, device=accelerator.device)).item()
+        return 1.0 if now >= deadline else (now - started) / (deadline - started)
 
     return share_used
+
+
+class StepSignals:
+    """What every rank must agree on after a step, as one small tensor all-reduced (max) across ranks:
+    a stop request (SIGTERM/SIGINT on any rank), a non-finite loss (on any rank) and the share of
+    --time-limit used (the largest). This rank's loss rides along (not reduced) for the log.
+
+    Reading the values waits for the device, so the loop reads them one step late (`update(wait=False)`:
+    every step but the newest; the host keeps queuing work for the GPU) and at once only where a decision
+    cannot wait (`wait=True`: log, checkpoint, evaluation and end steps). Every rank reads the same steps,
+    so every rank sees the same values at the same step.
+    """
+
+    def __init__(self, accelerator, stop_requested, time_share_used=None):
+        self.device = accelerator.device
+        self.distributed = accelerator.num_processes > 1
+        self.stop_requested = stop_requested
+        self.time_share_used = time_share_used
+        self.pending = collections.deque()  # (step, values on the host or on their way there, CUDA event)
+        self.stop = False
+        self.time_share = 0.0
+        self.non_finite: tuple[int, float] | None = None  # (first bad step, this rank's loss there)
+        self.last_loss = float("nan")
+        self._losses: list[float] = []
+
+    def push(self, step: int, loss: torch.Tensor) -> None:
+        values = torch.zeros(4, device=self.device)  # stop, non-finite, time share, loss: no host copy
+        values[0] = float(self.stop_requested())
+        values[1] = ~torch.isfinite(loss.detach()).all()
+        values[2] = self.time_share_used() if self.time_share_used else 0.0
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(values[:3], op=dist.ReduceOp.MAX)
+        values[3] = loss.detach().float()
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(4, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.pending.append((step, values, event))
+
+    def update(self, wait: bool) -> None:
+        """Take in the values of every pushed step (`wait`), or of every step but the newest."""
+        while len(self.pending) > (0 if wait else 1):
+            step, values, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            stop, non_finite, share, loss = values.tolist()
+            self.stop = self.stop or stop > 0
+            self.time_share = max(self.time_share, share)
+            if non_finite > 0 and self.non_finite is None:
+                self.non_finite = (step, loss)
+            self.last_loss = loss
+            self._losses.append(loss)
+
+    def take_losses(self) -> list[float]:
+        """This rank's losses read since the last call."""
+        taken, self._losses = self._losses, []
+        return taken
 
 
 def install_stop_handlers():
@@ -519,6 +612,59 @@ class make_progress_bar:
 def fail(message: str) -> int:
     print(f"train.py: error: {message}", file=sys.stderr)
     return 2
+
+
+def fail_everywhere(accelerator, message: str) -> int:
+    """An error every rank reached at the same step: the main process prints it, every rank exits 2."""
+    if accelerator.is_main_process:
+        fail(message)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 2
+
+
+def default_mixed_precision() -> str:
+    """The launcher's choice (`accelerate launch --mixed_precision`) unless it is "no"; otherwise bf16
+    autocast on a CUDA GPU that supports it (Ampere and later), float32 elsewhere."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def use_fast_cuda_kernels(tf32: bool) -> None:
+    """TF32 for float32 matmuls and convolutions, cuDNN autotuning (input shapes are fixed per crop size)."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.benchmark = True
+
+
+def synchronise_batch_norm(config: Config, cls, method, device_type: str, world: int) -> tuple[Config, str]:
+    """Converts the method's batch norms to SyncBatchNorm where the recipe says so (--sync-bn overrides)
+    and several GPUs train; returns the config with the choice resolved and a line for the start-up print."""
+    wanted = cls.sync_batch_norm if config.sync_bn is None else config.sync_bn
+    config = dataclasses.replace(config, sync_bn=wanted)
+    if world == 1:
+        return config, "batch norm over the process's batch (one process)"
+    if not wanted:
+        why = " (the recipe shuffles batches across processes instead)" if not cls.sync_batch_norm else ""
+        return config, f"batch norm per process{why}"
+    if device_type != "cuda":
+        return config, "batch norm per process (SyncBatchNorm needs CUDA; CPU processes normalise their own batch)"
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # in place: the top module is not a batch norm
+    return config, f"batch norm synchronised across {world} GPUs (SyncBatchNorm; --no-sync-bn turns it off)"
+
+
+def runtime_settings(config: Config, accelerator, batch_norm_note: str) -> dict:
+    """How the run computes, for config.yaml."""
+    cuda = accelerator.device.type == "cuda"
+    return {"device": accelerator.device.type, "processes": accelerator.num_processes,
+            "mixed_precision": config.mixed_precision, "batch_norm": batch_norm_note,
+            "tf32": bool(cuda and torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_benchmark": bool(cuda and torch.backends.cudnn.benchmark)}
 
 
 if __name__ == "__main__":

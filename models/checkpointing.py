@@ -2,7 +2,8 @@
 
     runs/<name>/config.yaml              every resolved option, the recipe, package versions
     runs/<name>/metrics.jsonl            one JSON record per log step (TensorBoard events beside it)
-    runs/<name>/checkpoints/step-XXXXXXXX/   Accelerate state + input-stack state per rank + meta.json
+    runs/<name>/checkpoints/step-XXXXXXXX/   Accelerate state + input-stack state and the method's
+                                         per-rank buffers (e.g. SwAV's queue), one file per rank + meta.json
     runs/<name>/backbone.safetensors     the backbone's weights (timm names) + backbone.json
 
 A checkpoint is written into a temporary directory and renamed when every rank has finished, so a
@@ -34,6 +35,10 @@ class CheckpointError(RuntimeError):
 
 def _stack_file(rank: int) -> str:
     return f"input_stack_rank{rank}.pt"
+
+
+def _per_rank_file(rank: int) -> str:
+    return f"method_rank{rank}.pt"
 
 
 def package_versions() -> dict[str, str]:
@@ -120,15 +125,15 @@ class RunCheckpoints:
         accelerator.wait_for_everyone()
         return cls(root, config.keep_checkpoints, type(config).RESUMABLE_DIFFERENCES)
 
-    def write_config(self, config, recipe) -> None:
+    def write_config(self, config, recipe, runtime: dict | None = None) -> None:
         document = {"config": dataclasses.asdict(config), "recipe": recipe.to_dict(),
-                    "recipe_text": recipe.describe(), "versions": package_versions()}
+                    "recipe_text": recipe.describe(), "runtime": runtime or {}, "versions": package_versions()}
         _atomic_write_text(self.root / "config.yaml", yaml.safe_dump(document, sort_keys=False))
 
     def logger(self, accelerator) -> MetricsLogger:
         return MetricsLogger(self.root, accelerator.is_main_process, self.resumed_step)
 
-    def save(self, step: int, config, accelerator, stack) -> Path:
+    def save(self, step: int, config, accelerator, stack, model) -> Path:
         final = self.checkpoint_dir / f"{PREFIX}{step:08d}"
         temporary = self.checkpoint_dir / f".tmp-{PREFIX}{step:08d}"
         try:
@@ -137,9 +142,12 @@ class RunCheckpoints:
             accelerator.wait_for_everyone()
             accelerator.save_state(output_dir=str(temporary))
             torch.save(stack.state_dict(), temporary / _stack_file(accelerator.process_index))
+            per_rank = model.per_rank_state()
+            if per_rank:  # Accelerate saves the model from the main process only
+                torch.save(per_rank, temporary / _per_rank_file(accelerator.process_index))
             if accelerator.is_main_process:
                 meta = {"step": step, "num_processes": accelerator.num_processes,
-                        "config": dataclasses.asdict(config)}
+                        "device": accelerator.device.type, "config": dataclasses.asdict(config)}
                 (temporary / "meta.json").write_text(json.dumps(meta, indent=2))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -160,7 +168,7 @@ class RunCheckpoints:
         accelerator.wait_for_everyone()
         return final
 
-    def resume(self, spec: str, config, accelerator, stack) -> int:
+    def resume(self, spec: str, config, accelerator, stack, model) -> int:
         """Load the checkpoint `spec` names ("auto": this run's latest); returns the step to continue from."""
         if spec == "auto":
             found = list_checkpoints(self.root)
@@ -177,9 +185,21 @@ class RunCheckpoints:
         if differences:
             raise CheckpointError(f"--resume {path}: the run was started with other options ({'; '.join(differences)})"
                                   ": resume with the same options or start a new run")
+        saved_device = meta.get("device", accelerator.device.type)
+        if saved_device != accelerator.device.type:
+            # the input stack's random generator (and more) is device-specific: it would fail half-way
+            raise CheckpointError(f"--resume {path}: the checkpoint was written on {saved_device}, this run is "
+                                  f"on {accelerator.device.type}: resume on a machine with the same kind of "
+                                  f"device, or start a new run from the exported backbone")
         accelerator.load_state(str(path))
         state = torch.load(path / _stack_file(accelerator.process_index), weights_only=True)
         stack.load_state_dict(state)
+        per_rank = path / _per_rank_file(accelerator.process_index)
+        if model.PER_RANK_BUFFERS:
+            if not per_rank.is_file():
+                raise CheckpointError(f"--resume {path}: {per_rank.name} is missing (the method keeps state per "
+                                      f"process): resume from a complete checkpoint")
+            model.load_per_rank_state(torch.load(per_rank, weights_only=True, map_location="cpu"))
         self.resumed_step = meta["step"]
         accelerator.print(f"resumed from {path} at step {meta['step']}")
         return meta["step"]

@@ -45,15 +45,19 @@ def train(*args, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def launch_two_processes(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+def two_process_command(*args, script: str = "train.py") -> list[str]:
     """A real 2-process CPU run (gloo). `--cpu --num_processes 2` would silently start one process."""
     with socket.socket() as probe:  # a free port: another run may be using accelerate's default 29500
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "train.py", *TINY, *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), script, *TINY, *map(str, args)]
+
+
+def launch_two_processes(*args, timeout: float = 240, script: str = "train.py") -> subprocess.CompletedProcess:
+    return subprocess.run(two_process_command(*args, script=script), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -497,3 +501,100 @@ def test_two_processes_stop_together_at_the_time_limit(tmp_path, by_time):
     meta = json.loads((run / "checkpoints" / "step-00000001" / "meta.json").read_text())
     assert meta["num_processes"] == 2
     assert (run / "backbone.safetensors").is_file()
+
+
+def worker(launcher: subprocess.Popen, rank: int, deadline: float):
+    """The `train.py` process of `rank` under an `accelerate launch` (found by its RANK variable)."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if "train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.Error:  # gone, or not readable yet
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no rank-{rank} process under the launcher")
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # log every 5 steps: between log steps the ranks read their stop flags a step late, and still agree
+    args = ["--max-steps", 400, "--checkpoint-every", 1000, "--log-every", 5, "--output-dir", tmp_path, "--name", "run"]
+    launcher = subprocess.Popen(two_process_command(*args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        rank_one = worker(launcher, 1, deadline)
+        while not ((run / "metrics.jsonl").is_file() and metrics(run)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no metrics record"
+            time.sleep(0.2)
+        rank_one.send_signal(signal.SIGTERM)  # rank 1 only, as a preemption notice may reach it first
+        stdout, stderr = launcher.communicate(timeout=120)  # a rank left in a collective would hang here
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, tail(stderr)
+    assert "Traceback" not in stderr
+    (stopped,) = checkpoints(run)
+    step = int(stopped.removeprefix("step-"))
+    assert 5 <= step < 400
+    assert f"stop requested: checkpoint written at step {step}" in stdout
+    checkpoint = run / "checkpoints" / stopped
+    for rank in (0, 1):  # both ranks wrote their part of the same step's checkpoint
+        state = torch.load(checkpoint / f"input_stack_rank{rank}.pt", weights_only=True)
+        assert state["rank"] == rank and state["step_in_epoch"] == step
+    assert not (run / "backbone.safetensors").exists()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both_with_one_error(tmp_path):
+    # tests/nan_on_one_rank.py: train.py whose loss is NaN on rank 1 from step 3 on; rank 0's stays finite
+    args = ["--max-steps", 40, "--checkpoint-every", 2, "--log-every", 5, "--output-dir", tmp_path, "--name", "run"]
+    result = launch_two_processes(*args, script="tests/nan_on_one_rank.py", timeout=240)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, tail(result.stderr, 40)
+    assert "loss is not finite on another process at step 3" in errors[0], errors[0]
+    run = tmp_path / "run"
+    assert checkpoints(run) == ["step-00000002"]  # the last good one; nothing written after the bad step
+
+
+def test_two_processes_resume_each_rank_with_its_own_swav_queue(tmp_path):
+    from safetensors.torch import load_file
+
+    # per-rank queues of 32 embeddings (2 batches), in use from step 3: rank 0's and rank 1's differ
+    args = ["--max-steps", 4, "--checkpoint-every", 2, "--method-options", "queue_length=64,queue_start_epoch=0"]
+    assert_ok(launch_two_processes(*args, "--output-dir", tmp_path, "--name", "run"))
+    run = tmp_path / "run"
+    queues = [torch.load(run / "checkpoints" / "step-00000002" / f"method_rank{rank}.pt", weights_only=True)
+              for rank in (0, 1)]
+    assert all(int(q["queue_filled"]) == 32 for q in queues)
+    assert not torch.equal(queues[0]["queue"], queues[1]["queue"])
+
+    resumed = tmp_path / "resumed" / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    (resumed / "backbone.safetensors").unlink()
+    assert_ok(launch_two_processes(*args, "--output-dir", resumed.parent, "--name", "run", "--resume", "auto"))
+    assert losses(resumed) == losses(run)  # steps 3-4 use the queues: rank 0's everywhere would change them
+    final = "checkpoints/step-00000004"
+    assert_same_tensors(load_file(resumed / final / "model.safetensors"), load_file(run / final / "model.safetensors"))
+    for rank in (0, 1):
+        assert_same_tensors(torch.load(resumed / final / f"method_rank{rank}.pt", weights_only=True),
+                            torch.load(run / final / f"method_rank{rank}.pt", weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------- 8. devices
+
+
+def test_a_checkpoint_from_another_kind_of_device_is_refused_in_one_line(six_steps, tmp_path):
+    run = copy_run(six_steps, tmp_path)
+    meta_path = run / "checkpoints" / "step-00000006" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["device"] == "cpu"
+    meta_path.write_text(json.dumps({**meta, "device": "cuda"}))
+    before = file_bytes(run / "checkpoints")
+    result = train("--max-steps", 9, "--output-dir", tmp_path, "--name", "run", "--resume", "auto")
+    assert_one_line_error(result, "step-00000006", "written on cuda, this run is on cpu")
+    assert file_bytes(run / "checkpoints") == before

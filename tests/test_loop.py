@@ -1,0 +1,118 @@
+"""The training loop's rules for several devices and processes, checked in-process on CPU: the step
+signals every rank agrees on, SyncBatchNorm where the recipe says so, and the fp16 grad-scaler skip."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from models.methods import create_method, method_class
+from models.methods.base import Progress
+
+
+def small(name: str):
+    torch.manual_seed(0)
+    return create_method(name, backbone="resnet10t", stem="no-maxpool", on_gpu=False,
+                         **({"queue_length": 64} if name == "mocov2" else {}))
+
+
+def progress(step: int = 0) -> Progress:
+    return Progress(step=step, epoch=0, total_steps=100, steps_per_epoch=10)
+
+
+ONE_CPU_PROCESS = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+
+
+# ---------------------------------------------------------------------------------------------- step signals
+
+
+def test_step_signals_are_read_a_step_late_unless_the_loop_waits():
+    stop = {"now": False}
+    signals = train.StepSignals(ONE_CPU_PROCESS, lambda: stop["now"])
+    signals.push(1, torch.tensor(2.5))
+    signals.update(wait=False)  # the newest step stays unread
+    assert signals.take_losses() == [] and len(signals.pending) == 1
+    signals.push(2, torch.tensor(1.5))
+    signals.update(wait=False)
+    assert signals.take_losses() == [2.5] and signals.last_loss == 2.5
+    stop["now"] = True
+    signals.push(3, torch.tensor(1.0))
+    signals.update(wait=True)
+    assert signals.take_losses() == [1.5, 1.0] and signals.last_loss == 1.0
+    assert signals.stop and not signals.pending and signals.non_finite is None
+
+
+def test_step_signals_remember_the_first_non_finite_step_and_the_largest_time_share():
+    shares = iter([0.2, 0.7, 0.5])
+    signals = train.StepSignals(ONE_CPU_PROCESS, lambda: False, lambda: next(shares))
+    signals.push(1, torch.tensor(1.0))
+    signals.push(2, torch.tensor(float("nan")))
+    signals.push(3, torch.tensor(float("inf")))
+    signals.update(wait=True)
+    assert signals.time_share == pytest.approx(0.7)
+    step, value = signals.non_finite
+    assert step == 2 and value != value  # NaN
+    assert not signals.stop
+
+
+# ---------------------------------------------------------------------------------------------- SyncBN
+
+
+def sync_norms(model) -> int:
+    return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, sync_bn, device, world, converted", [
+    ("swav", None, "cuda", 2, True),
+    ("simclr", None, "cuda", 4, True),
+    ("mocov2", None, "cuda", 2, False),  # shuffle-BN instead, as upstream
+    ("mocov2", True, "cuda", 2, True),  # --sync-bn wins over the recipe
+    ("swav", False, "cuda", 2, False),  # --no-sync-bn
+    ("swav", None, "cuda", 1, False),  # one GPU: nothing to synchronise
+    ("swav", None, "cpu", 2, False),  # gloo processes: SyncBatchNorm runs on CUDA only
+])
+def test_batch_norms_are_synchronised_where_the_recipe_says_so(name, sync_bn, device, world, converted):
+    method = small(name)
+    norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules())
+    config = train.Config(method=name, sync_bn=sync_bn)
+    config, note = train.synchronise_batch_norm(config, method_class(name), method, device, world)
+    assert config.sync_bn == (method_class(name).sync_batch_norm if sync_bn is None else sync_bn)
+    assert sync_norms(method) == (norms if converted else 0)
+    assert ("synchronised across" in note) == converted, note
+
+
+# ---------------------------------------------------------------------------------------------- scaler skip
+
+
+def random_batch(batch_size: int = 8) -> SimpleNamespace:
+    generator = torch.Generator().manual_seed(0)
+    return SimpleNamespace(views=[torch.randn(2 * batch_size, 3, 32, 32, generator=generator)],
+                           batch_size=batch_size, counts=[2])
+
+
+@pytest.mark.parametrize("overflow", [True, False], ids=["skipped", "taken"])
+def test_a_step_the_grad_scaler_skips_leaves_teachers_and_queues_as_they_were(overflow):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    # a real grad scaler; an infinite scale overflows the gradients, as an fp16 step can
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf") if overflow else 1.0)
+    method = small("mocov2")
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    queue, teacher = method.queue.clone(), [p.clone() for p in method.key_backbone.parameters()]
+    weights = [p.clone() for p in method.backbone.parameters()]
+    # a moved student, so that an EMA update would show in the teacher
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(0.01)
+    loss, _ = method(random_batch(), progress())
+    assert torch.isfinite(loss)
+    train.optimizer_step(accelerator, method, optimizer, loss, progress())
+    assert optimizer.step_was_skipped == overflow
+    assert torch.equal(method.queue, queue) == overflow
+    assert all(torch.equal(a, b) for a, b in zip(method.key_backbone.parameters(), teacher)) == overflow
+    assert not any(torch.equal(a, b) for a, b in zip(method.backbone.parameters(), weights))  # the nudge
