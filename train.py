@@ -263,8 +263,7 @@ def main(argv=None) -> int:
     method, optimizer = accelerator.prepare(method, optimizer)
     model = accelerator.unwrap_model(method)
     if config.compile:
-        # in place: parameter names stay timm's, so checkpoints and the export don't depend on --compile
-        model.backbone.compile()
+        model.compile_backbone()  # what the method's step runs through: the backbone's forward or a ViT's blocks
 
     run = RunCheckpoints.for_run(config, accelerator)
     start_step = 0

@@ -161,6 +161,10 @@ def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loa
     assert "2x32" in saved["recipe_text"]
     assert saved["versions"]["torch"] == torch.__version__.split("+")[0]
     assert saved["versions"]["timm"] == timm.__version__
+    assert saved["config"]["mixed_precision"] == "no" and saved["config"]["sync_bn"] is True  # swav's recipe
+    assert saved["runtime"]["device"] == "cpu" and saved["runtime"]["processes"] == 1
+    assert saved["runtime"]["mixed_precision"] == "no" and not saved["runtime"]["tf32"]
+    assert "one process" in saved["runtime"]["batch_norm"]
 
     records = metrics(run)
     steps = [r for r in records if "loss" in r]
@@ -289,10 +293,11 @@ def test_an_unknown_key_in_the_config_file_is_a_one_line_error(tmp_path):
         (["--time-limit", 0], ["--time-limit 0", "positive number of minutes"]),
         (["--schedule-by-time"], ["--schedule-by-time needs --time-limit"]),
         (["--schedule-by-time", "--time-limit", 1, "--resume", "auto"], ["--schedule-by-time with --resume"]),
+        (["--mixed-precision", "fp8"], ["--mixed-precision fp8", "no, bf16, fp16"]),
     ],
     ids=["method", "backbone", "stem", "multicrop", "empty-data", "batch-larger-than-data",
          "multicrop-the-method-cannot-use", "backbone-option-timm-rejects", "time-limit-not-positive",
-         "schedule-by-time-without-a-limit", "schedule-by-time-resumed"],
+         "schedule-by-time-without-a-limit", "schedule-by-time-resumed", "mixed-precision"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty = tmp_path / "empty"
