@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # accelerate launch runs one OpenMP thread per process unless told (1.7x slower on this 2-core CPU)
 THREADS ?= $(shell nproc)
 
-.PHONY: train test clean-venv
+.PHONY: train test gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# on a CUDA machine: every method on 1 (and all) GPUs, CPU-vs-GPU loss, host-device syncs, profiler (README)
+GPU_CHECK_OPTIONS ?=
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --output gpu-check $(GPU_CHECK_OPTIONS)
 
 clean-venv:
 	rm -rf $(VENV)
