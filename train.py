@@ -290,6 +290,7 @@ def main(argv=None) -> int:
 
     progress_bar = make_progress_bar(accelerator, total_steps, start_step)
     signals = StepSignals(accelerator, install_stop_handlers(), time_share(config.time_limit))
+    learning = LearningCheck(fresh=start_step == 0)
     step = start_step
     window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
     epoch_losses = []
@@ -336,7 +337,7 @@ def main(argv=None) -> int:
             return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch {(bad_step - 1) // steps_per_epoch})"
                                    f"; the last good checkpoint in {run.checkpoint_dir} is kept: lower --lr or "
                                    f"check the data")
-        epoch_losses += signals.take_losses()
+        epoch_losses += learning.observe(signals.take_losses())
         timed_out = signals.time_share >= 1 and (by_time or step < total_steps)
         finished = planned_end or timed_out
 
@@ -362,6 +363,10 @@ def main(argv=None) -> int:
                 summary["knn_random_init"] = monitor.baseline
                 logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, total_epochs))
+            share_done = signals.time_share if by_time else step / total_steps
+            for warning in learning.warnings(summary, share_done):
+                accelerator.print(f"warning: {warning}")
+                logger.log({"step": step, "epoch": epoch, "warning": warning})
         if step % config.checkpoint_every == 0 or finished or signals.stop:
             try:
                 run.save(step, config, accelerator, train_stack, model)
@@ -471,6 +476,48 @@ class KnnMonitor:
         if self.accelerator.num_processes > 1:
             broadcast_object_list(found)
         self.baseline = found[0]
+
+
+class LearningCheck:
+    """One-line warnings when a run does not seem to learn (README, "When a run does not learn"): a kNN
+    evaluation under the random-init baseline, and a loss that has moved by less than `MIN_LOSS_CHANGE` of
+    its start once `CHECK_SHARE` of the run is done. The start is the mean of the first `START_STEPS`
+    losses; a resumed run skips the loss check (its first losses are not the run's start)."""
+
+    CHECK_SHARE = 0.25
+    MIN_LOSS_CHANGE = 0.02
+    START_STEPS = 10
+
+    def __init__(self, fresh: bool):
+        self.start_losses: list[float] | None = [] if fresh else None
+        self.loss_checked = not fresh
+
+    def observe(self, losses: list[float]) -> list[float]:
+        if self.start_losses is not None and len(self.start_losses) < self.START_STEPS:
+            self.start_losses += losses[: self.START_STEPS - len(self.start_losses)]
+        return losses
+
+    def warnings(self, summary: dict, share_done: float) -> list[str]:
+        found = [knn_warning(summary.get("knn_top1"), summary.get("knn_random_init"))]
+        if not self.loss_checked and share_done >= self.CHECK_SHARE and self.start_losses:
+            self.loss_checked = True
+            start = sum(self.start_losses) / len(self.start_losses)
+            found.append(flat_loss_warning(start, summary["mean_loss"], share_done, self.MIN_LOSS_CHANGE))
+        return [warning for warning in found if warning]
+
+
+def knn_warning(knn: float | None, baseline: float | None) -> str | None:
+    if knn is None or baseline is None or knn >= baseline:
+        return None
+    return (f"features are below random init: kNN top-1 {knn:.2f}% < {baseline:.2f}% at random init; "
+            f"see README, 'When a run does not learn'")
+
+
+def flat_loss_warning(start: float, now: float, share_done: float, min_change: float) -> str | None:
+    if abs(now - start) >= min_change * abs(start):
+        return None
+    return (f"the loss has barely moved after {share_done:.0%} of the run ({start:.4f} -> {now:.4f}, under "
+            f"{min_change:.0%}): it may not be learning; see README, 'When a run does not learn'")
 
 
 def format_epoch_summary(summary: dict, total_epochs: int) -> str:

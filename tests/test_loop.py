@@ -116,3 +116,39 @@ def test_a_step_the_grad_scaler_skips_leaves_teachers_and_queues_as_they_were(ov
     assert torch.equal(method.queue, queue) == overflow
     assert all(torch.equal(a, b) for a, b in zip(method.key_backbone.parameters(), teacher)) == overflow
     assert not any(torch.equal(a, b) for a, b in zip(method.backbone.parameters(), weights))  # the nudge
+
+
+# ---------------------------------------------------------------------------------------------- learning check
+
+
+@pytest.mark.parametrize("knn, baseline, warned", [(81.0, 79.0, False), (79.0, 79.0, False), (78.9, 79.0, True),
+                                                   (78.0, None, False), (None, 79.0, False)])
+def test_a_knn_under_the_random_init_baseline_is_a_warning(knn, baseline, warned):
+    warning = train.knn_warning(knn, baseline)
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith("features are below random init") and "\n" not in warning
+        assert f"{knn:.2f}%" in warning and f"{baseline:.2f}%" in warning
+
+
+def test_a_flat_loss_is_a_warning_once_a_quarter_of_the_run_is_done():
+    check = train.LearningCheck(fresh=True)
+    check.observe([4.16] * 4)
+    check.observe([4.15] * 10)  # only the first 10 losses make the start
+    assert check.start_losses == [4.16] * 4 + [4.15] * 6
+    assert check.warnings({"mean_loss": 4.14}, share_done=0.2) == []  # too early to tell
+    (warning,) = check.warnings({"mean_loss": 4.11}, share_done=0.25)  # 1 % in a quarter of the run
+    assert "the loss has barely moved after 25% of the run (4.1540 -> 4.1100, under 2%)" in warning
+    assert check.warnings({"mean_loss": 4.11}, share_done=0.5) == []  # said once
+
+
+def test_a_moving_loss_and_a_resumed_run_get_no_loss_warning():
+    moving = train.LearningCheck(fresh=True)
+    moving.observe([4.16] * 10)
+    assert moving.warnings({"mean_loss": 4.0}, share_done=0.3) == []  # 3.8 %
+    resumed = train.LearningCheck(fresh=False)
+    resumed.observe([4.16] * 10)
+    assert resumed.warnings({"mean_loss": 4.16}, share_done=0.9) == []
+    both = train.LearningCheck(fresh=True)
+    both.observe([4.16] * 10)
+    assert len(both.warnings({"mean_loss": 4.16, "knn_top1": 50.0, "knn_random_init": 60.0}, share_done=0.5)) == 2
