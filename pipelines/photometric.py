@@ -27,8 +27,9 @@ same images from the same draws (`branch_free=` in the constructor picks one; th
 for every crop size and batch size) when the group's crops are at least `COMPILE_MIN_SIZE` pixels wide
 and compilation is allowed: `compile=` in the constructor, else the environment variable
 `FASTSSL_COMPILE` = 1 (always), 0 (never) or auto (the default: large crops only, where the one-time
-compile of ~15-25 s pays off). If compilation fails the same functions run eagerly (one warning), with
-the same results up to float rounding. On CPU the group is processed in chunks of ~4 images of 224 px
+compile of ~15-25 s pays off). If compilation fails (no C++ compiler, no Triton, an unsupported
+construct: `compile_failures`) the same functions run eagerly (one warning each), with the same results
+up to float rounding; other errors propagate. On CPU the group is processed in chunks of ~4 images of 224 px
 so the intermediates stay in cache. `PhotometricStage(..., implementation="reference")` runs the
 plain Kornia op chain instead (one Kornia call per op and selected subset); the tests hold the fused
 form to it.
@@ -148,8 +149,34 @@ def _gaussian_blur(x: torch.Tensor, size: int, sigma: torch.Tensor) -> torch.Ten
     return y.view(n, channels, height, width)
 
 
-class _MaybeCompiled:
-    """`fn`, compiled once per process on first compiled use; any compile/run failure -> eager, once warned."""
+def compile_failures() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile a function, as opposed to an error of the function
+    itself (which reaches the caller, compiled or not: dynamo re-raises it while tracing as a
+    `TorchRuntimeError`, which is left out here): the backend failed (`BackendCompilerFailed`, whose
+    `InductorError` wraps e.g. no working C++ compiler, a C++ or Triton compile error, Triton missing),
+    dynamo cannot trace the function (`Unsupported`) or fails inside itself (`InternalTorchDynamoError`),
+    and the inductor errors that can surface unwrapped."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (dynamo_exc, "Unsupported"),
+             (dynamo_exc, "InternalTorchDynamoError"), (inductor_exc, "InvalidCxxCompiler"),
+             (inductor_exc, "CppCompileError"), (inductor_exc, "TritonMissing"),
+             (inductor_exc, "GPUTooOldForTriton")]
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the error's type and first line, or those of the error it wraps (a backend's)."""
+    error = getattr(error, "inner_exception", None) or error
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class MaybeCompiled:
+    """`fn`, compiled with `torch.compile(dynamic=True)` on its first compiled call. If compiling fails
+    (`compile_failures`, or torch.compile is unavailable), `fn` runs eagerly from then on, with one warning
+    naming the reason; any other error propagates and the next call runs compiled again."""
 
     def __init__(self, fn):
         self.fn, self.compiled, self.failed = fn, None, False
@@ -157,18 +184,20 @@ class _MaybeCompiled:
     def __call__(self, compiled: bool, *args):
         if compiled and not self.failed:
             try:
-                if self.compiled is None:
+                if self.compiled is None:  # raises only where compiling is unavailable (platform, Python)
                     self.compiled = torch.compile(self.fn, dynamic=True)
                 return self.compiled(*args)
-            except Exception as error:  # no compiler, unsupported backend, ...: same math, eagerly
+            except Exception as error:
+                if self.compiled is not None and not isinstance(error, compile_failures()):
+                    raise
                 self.failed = True
-                warnings.warn(f"photometric stage: torch.compile failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); running eagerly", stacklevel=3)
+                warnings.warn(f"photometric stage: torch.compile failed on {self.fn.__name__} ({_reason(error)}); "
+                              f"running eagerly", stacklevel=3)
         return self.fn(*args)
 
 
-_FRONT = _MaybeCompiled(_front)
-_BACK = _MaybeCompiled(_back)
+_FRONT = MaybeCompiled(_front)
+_BACK = MaybeCompiled(_back)
 
 
 def _jitter_slots(order: torch.Tensor, factors: torch.Tensor, jitter_on: torch.Tensor, active: torch.Tensor):

@@ -1,6 +1,7 @@
 """The photometric stage against torchvision/PIL semantics, and its per-sample statistics."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +9,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
-from pipelines.photometric import PhotometricStage, blur_kernel_size, gaussian_kernels
+from pipelines.photometric import (
+    MaybeCompiled,
+    PhotometricStage,
+    blur_kernel_size,
+    compile_failures,
+    gaussian_kernels,
+)
 from pipelines.spec import Photometric, Recipe, ViewGroup, preset
 
 SIZE = 24
@@ -212,9 +219,7 @@ def test_fused_form_does_not_depend_on_the_chunking():
                                    atol=1e-6, rtol=0)
 
 
-def test_compiled_fused_form_equals_the_kornia_op_chain_and_a_failed_compile_runs_eagerly(monkeypatch):
-    import pipelines.photometric as photometric
-
+def test_compiled_fused_form_equals_the_kornia_op_chain():
     recipe = _strong_recipes()[0]
     images = _images(24, size=16)
     reference = _stage(recipe, implementation="reference")(images, 0)
@@ -225,16 +230,51 @@ def test_compiled_fused_form_equals_the_kornia_op_chain_and_a_failed_compile_run
     torch.testing.assert_close(_stage(recipe, compile=True)(fewer, 0),
                                _stage(recipe, implementation="reference")(fewer, 0), atol=1e-5, rtol=0)
 
-    def broken_compile(fn, **options):
-        raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    for kernel in (photometric._FRONT, photometric._BACK):
-        monkeypatch.setattr(kernel, "compiled", None)
-        monkeypatch.setattr(kernel, "failed", False)
-    with pytest.warns(UserWarning, match="running eagerly"):
-        eager = _stage(recipe, compile=True)(images, 0)
-    torch.testing.assert_close(eager, reference, atol=1e-5, rtol=0)
+def _brighten(images: torch.Tensor) -> torch.Tensor:
+    return (images * 1.5 + 0.1).clamp(0, 1)
+
+
+def test_a_function_compile_cannot_build_runs_eagerly_after_one_warning_with_the_same_result():
+    kernel = MaybeCompiled(_brighten)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    # as on a machine without a C++ compiler (no cached kernel may stand in for the compile)
+    no_compiler = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+    try:
+        with torch._inductor.config.patch(no_compiler), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = kernel(True, images), kernel(True, images)
+    finally:
+        torch._dynamo.reset()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "_brighten" in message and "InvalidCxxCompiler" in message and "running eagerly" in message
+    assert kernel.failed
+    torch.testing.assert_close(first, _brighten(images), rtol=0, atol=0)
+    torch.testing.assert_close(second, _brighten(images), rtol=0, atol=0)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b
+
+
+def test_an_error_of_the_function_itself_propagates_and_it_stays_compiled():
+    kernel = MaybeCompiled(_product)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(RuntimeError) as raised:
+                kernel(True, torch.ones(2, 3), torch.ones(2, 3))  # shapes that cannot be multiplied
+            assert not isinstance(raised.value, compile_failures())
+            assert not kernel.failed and kernel.compiled is not None
+            a, b = torch.rand(2, 3), torch.rand(3, 4)
+            torch.testing.assert_close(kernel(True, a, b), a @ b)
+    finally:
+        torch._dynamo.reset()
+    assert not kernel.failed
+    assert not [w for w in caught if "running eagerly" in str(w.message)]
 
 
 def test_compile_setting_comes_from_the_flag_then_the_environment(monkeypatch):
