@@ -152,3 +152,22 @@ def test_a_moving_loss_and_a_resumed_run_get_no_loss_warning():
     both = train.LearningCheck(fresh=True)
     both.observe([4.16] * 10)
     assert len(both.warnings({"mean_loss": 4.16, "knn_top1": 50.0, "knn_random_init": 60.0}, share_done=0.5)) == 2
+
+
+# ---------------------------------------------------------------------------------------------- DDP buffers
+
+
+@pytest.mark.parametrize("name, kept_out", [("mocov2", {"queue", "queue_position"}),
+                                            ("swav", {"queue", "queue_filled"}), ("dino", {"center"})])
+def test_ddp_does_not_broadcast_queues_and_centres_every_forward(name, kept_out, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        method = small(name)
+        ddp = torch.nn.parallel.DistributedDataParallel(method)
+        broadcast = set(ddp.named_module_buffers)
+        assert not broadcast & kept_out
+        assert any(".running_mean" in buffer for buffer in broadcast)  # batch-norm statistics still are
+    finally:
+        dist.destroy_process_group()
