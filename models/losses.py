@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _at_least_fp32(tensor: Tensor) -> Tensor:
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def _all_reduce_sum(tensor: Tensor) -> None:
-    if world_size() > 1:
-        dist.all_reduce(tensor)
+from models.distributed import all_reduce_sum_, at_least_fp32, world_size
 
 
 @torch.no_grad()
@@ -30,14 +18,14 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
     """
     # No log-domain stabilisation upstream: exp(1 / 0.05) = 4.9e8 overflows fp16, so at least fp32.
     with torch.autocast(scores.device.type, enabled=False):
-        q = torch.exp(_at_least_fp32(scores) / epsilon).t()
+        q = torch.exp(at_least_fp32(scores) / epsilon).t()
         n_prototypes, n_samples = q.shape[0], q.shape[1] * world_size()
         total = q.sum()
-        _all_reduce_sum(total)
+        all_reduce_sum_(total)
         q /= total
         for _ in range(iterations):
             rows = q.sum(dim=1, keepdim=True)
-            _all_reduce_sum(rows)
+            all_reduce_sum_(rows)
             q /= rows
             q /= n_prototypes
             q /= q.sum(dim=0, keepdim=True)
@@ -58,7 +46,7 @@ def swav_codes(
     Sinkhorn problem (prepended, as upstream) and only the batch's rows are kept."""
     codes = []
     for i in range(n_assign):
-        crop = _at_least_fp32(scores[i].detach())
+        crop = at_least_fp32(scores[i].detach())
         queued = queue_scores[i] if queue_scores is not None else None
         if queued is None:
             codes.append(sinkhorn(crop, epsilon, iterations))
@@ -72,13 +60,13 @@ def swapped_prediction_loss(scores: list[Tensor], codes: list[Tensor], temperatu
     """Codes of crop i predicted from every other crop v: the mean over v != i of
     -sum_k q_ik log softmax(s_v / T)_k (batch mean), then the mean over the assign crops."""
     n_crops = len(scores)
-    total = _at_least_fp32(scores[0]).new_zeros(())
+    total = at_least_fp32(scores[0]).new_zeros(())
     for i, q in enumerate(codes):
         subloss = total.new_zeros(())
         for v in range(n_crops):
             if v != i:
                 # fp32 before dividing by T: bf16 scores/T lose the precision log_softmax needs
-                log_p = F.log_softmax(_at_least_fp32(scores[v]) / temperature, dim=1)
+                log_p = F.log_softmax(at_least_fp32(scores[v]) / temperature, dim=1)
                 subloss = subloss - (q * log_p).sum(dim=1).mean()
         total = total + subloss / (n_crops - 1)
     return total / len(codes)

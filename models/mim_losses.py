@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.losses import _all_reduce_sum, _at_least_fp32, world_size
+from models.distributed import at_least_fp32, mean_over_ranks_
 
 
 def normalized_pixel_targets(patches: Tensor, eps: float = 1e-6) -> Tensor:
@@ -25,16 +25,9 @@ def masked_patch_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tenso
     """Mean over hidden patches (mask True) of the per-patch mean squared error; visible patches
     contribute nothing."""
     with torch.autocast(prediction.device.type, enabled=False):
-        error = (_at_least_fp32(prediction) - _at_least_fp32(target)).pow(2).mean(dim=-1)
+        error = (at_least_fp32(prediction) - at_least_fp32(target)).pow(2).mean(dim=-1)
         weight = mask.to(error.dtype)
         return (error * weight).sum() / weight.sum()
-
-
-def _mean_over_ranks(matrix: Tensor) -> Tensor:
-    if world_size() > 1:
-        _all_reduce_sum(matrix)
-        matrix /= world_size()
-    return matrix
 
 
 def unigrad_dense_loss(prediction: Tensor, target: Tensor, negative_weight: float = 0.02) -> Tensor:
@@ -44,11 +37,11 @@ def unigrad_dense_loss(prediction: Tensor, target: Tensor, negative_weight: floa
     p C p^T is evaluated row by row as sum((p @ C) * p): memory O(tokens * D + D^2), never tokens^2.
     """
     with torch.autocast(prediction.device.type, enabled=False):
-        p = _at_least_fp32(prediction).reshape(-1, prediction.shape[-1])
-        t = _at_least_fp32(target.detach()).reshape(-1, target.shape[-1])
+        p = at_least_fp32(prediction).reshape(-1, prediction.shape[-1])
+        t = at_least_fp32(target.detach()).reshape(-1, target.shape[-1])
         positive = (p - t).pow(2).sum(dim=1).mean()
         with torch.no_grad():
-            correlation = _mean_over_ranks(t.t() @ t / t.shape[0])
+            correlation = mean_over_ranks_(t.t() @ t / t.shape[0])
         negative = ((p @ correlation) * p).sum(dim=1).mean()
         return (positive + negative_weight * negative) / p.shape[1]
 
@@ -60,10 +53,10 @@ def unigrad_global_loss(online: Tensor, target: Tensor, correlation: Tensor, lam
     (z1^T z1 + z2^T z2) / 2N over all ranks; then the gradient on z1 is -z2 + lambda F z1, written as
     the surrogate mean <sg(-z2 + lambda F z1), z1>."""
     with torch.autocast(online.device.type, enabled=False):
-        z1 = F.normalize(_at_least_fp32(online), dim=1)
-        z2 = F.normalize(_at_least_fp32(target.detach()), dim=1)
+        z1 = F.normalize(at_least_fp32(online), dim=1)
+        z2 = F.normalize(at_least_fp32(target.detach()), dim=1)
         with torch.no_grad():
             batch = (z1.t() @ z1 + z2.t() @ z2) / (2 * z1.shape[0])
-            correlation.mul_(rho).add_(_mean_over_ranks(batch), alpha=1 - rho)
+            correlation.mul_(rho).add_(mean_over_ranks_(batch), alpha=1 - rho)
             gradient = -z2 + lambda_ * z1 @ correlation
         return (gradient * z1).sum(dim=1).mean()

@@ -8,40 +8,26 @@ reproduces one process on the global batch. All losses run in at least fp32 with
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.losses import _at_least_fp32, _all_reduce_sum, world_size
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _autocast_off(tensor: Tensor) -> torch.autocast:
-    return torch.autocast(tensor.device.type, enabled=False)
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate x of every rank along dim 0; gradients flow back into the local slice (summed over ranks)."""
-    if world_size() == 1:
-        return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
-
-
-def _all_reduce_with_grad(x: Tensor) -> Tensor:
-    """Sum over ranks; the backward all-reduces (sums) the gradient too."""
-    return dist_fn.all_reduce(x) if world_size() > 1 else x
+from models.distributed import (
+    all_reduce_sum_,
+    all_reduce_with_grad,
+    at_least_fp32,
+    autocast_off,
+    gather_with_grad,
+    rank,
+    world_size,
+)
 
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """SimCLR NT-Xent. With a = l2n(z1), b = l2n(z2), global keys A, B and j = rank*N + i:
     l_a(i) = -log softmax([a_i.B^T, a_i.A^T with a_i.A_j dropped] / T)_j, l_b likewise with a <-> b;
     returns the mean over the 2N local rows (upstream SimCLR returns mean(l_a) + mean(l_b), 2x this)."""
-    with _autocast_off(z1):
-        a, b = F.normalize(_at_least_fp32(z1), dim=1), F.normalize(_at_least_fp32(z2), dim=1)
+    with autocast_off(z1):
+        a, b = F.normalize(at_least_fp32(z1), dim=1), F.normalize(at_least_fp32(z2), dim=1)
         big_a, big_b = gather_with_grad(a), gather_with_grad(b)
         n = a.shape[0]
         labels = torch.arange(n, device=a.device) + rank() * n
@@ -55,9 +41,9 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
 def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """MoCo v2 InfoNCE: CE([l2n(q).l2n(k), l2n(q).queue^T] / T, label 0); queue (K, dim) holds normalised
     keys; no gradient reaches k or the queue."""
-    with _autocast_off(q):
-        q = F.normalize(_at_least_fp32(q), dim=1)
-        k = F.normalize(_at_least_fp32(k.detach()), dim=1)
+    with autocast_off(q):
+        q = F.normalize(at_least_fp32(q), dim=1)
+        k = F.normalize(at_least_fp32(k.detach()), dim=1)
         positives = (q * k).sum(dim=1, keepdim=True)
         negatives = q @ queue.detach().to(q.dtype).t()
         logits = torch.cat([positives, negatives], dim=1) / temperature
@@ -69,19 +55,19 @@ def mocov3_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, temperature: flo
     K = keys all-gathered without gradient; only cross-view negatives."""
 
     def ctr(q: Tensor, k: Tensor) -> Tensor:
-        q = F.normalize(_at_least_fp32(q), dim=1)
-        keys = gather_with_grad(F.normalize(_at_least_fp32(k.detach()), dim=1))
+        q = F.normalize(at_least_fp32(q), dim=1)
+        keys = gather_with_grad(F.normalize(at_least_fp32(k.detach()), dim=1))
         labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
         return F.cross_entropy(q @ keys.t() / temperature, labels) * (2 * temperature)
 
-    with _autocast_off(q1):
+    with autocast_off(q1):
         return ctr(q1, k2) + ctr(q2, k1)
 
 
 def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
     """-mean_i cos(p_i, sg(z_i)). SimSiam: (ncl(p1, z2) + ncl(p2, z1)) / 2; BYOL's 2 - 2cos = 2 + 2 * this."""
-    with _autocast_off(p):
-        return -F.cosine_similarity(_at_least_fp32(p), _at_least_fp32(z.detach()), dim=1).mean()
+    with autocast_off(p):
+        return -F.cosine_similarity(at_least_fp32(p), at_least_fp32(z.detach()), dim=1).mean()
 
 
 def dino_loss(
@@ -102,9 +88,9 @@ def dino_loss(
     n_crops = student_out.shape[0] // batch
     if n_crops < 2 or n_crops < n_global:
         raise ValueError(f"dino_loss needs >= 2 student crops including the {n_global} globals, got {n_crops}")
-    with _autocast_off(student_out):
-        t = F.softmax((_at_least_fp32(teacher_out.detach()) - center) / teacher_temp, dim=-1).chunk(n_global)
-        s = F.log_softmax(_at_least_fp32(student_out) / student_temp, dim=-1).chunk(n_crops)
+    with autocast_off(student_out):
+        t = F.softmax((at_least_fp32(teacher_out.detach()) - center) / teacher_temp, dim=-1).chunk(n_global)
+        s = F.log_softmax(at_least_fp32(student_out) / student_temp, dim=-1).chunk(n_crops)
         total, n_pairs = s[0].new_zeros(()), 0
         for iq, t_iq in enumerate(t):
             for v, s_v in enumerate(s):
@@ -117,8 +103,8 @@ def dino_loss(
 @torch.no_grad()
 def dino_center_update(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> Tensor:
     """New center = m * center + (1 - m) * mean of teacher_out rows over all ranks (sum all-reduced)."""
-    batch_sum = _at_least_fp32(teacher_out).sum(dim=0, keepdim=True)
-    _all_reduce_sum(batch_sum)
+    batch_sum = at_least_fp32(teacher_out).sum(dim=0, keepdim=True)
+    all_reduce_sum_(batch_sum)
     batch_mean = batch_sum / (teacher_out.shape[0] * world_size())
     return center * momentum + batch_mean.reshape(center.shape) * (1 - momentum)
 
@@ -131,8 +117,8 @@ def _off_diagonal(m: Tensor) -> Tensor:
 
 def _global_batch_norm(z: Tensor, n_global: int, eps: float = 1e-5) -> Tensor:
     """BatchNorm1d(affine=False) in training mode with statistics over all ranks (biased variance)."""
-    mean = _all_reduce_with_grad(z.sum(dim=0)) / n_global
-    var = _all_reduce_with_grad(((z - mean) ** 2).sum(dim=0)) / n_global
+    mean = all_reduce_with_grad(z.sum(dim=0)) / n_global
+    var = all_reduce_with_grad(((z - mean) ** 2).sum(dim=0)) / n_global
     return (z - mean) / torch.sqrt(var + eps)
 
 
@@ -140,10 +126,10 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambda_: float = 0.0051) -> Tensor
     """Barlow Twins: c = BN(z1)^T BN(z2) / N_global summed over ranks (BN statistics global);
     L = sum_i (1 - c_ii)^2 + lambda * sum_{i != j} c_ij^2. (Upstream's c all-reduce carries no gradient,
     so its DDP gradient is 1/world_size of this one; identical in one process.)"""
-    with _autocast_off(z1):
-        z1, z2 = _at_least_fp32(z1), _at_least_fp32(z2)
+    with autocast_off(z1):
+        z1, z2 = at_least_fp32(z1), at_least_fp32(z2)
         n_global = z1.shape[0] * world_size()
-        c = _all_reduce_with_grad(_global_batch_norm(z1, n_global).t() @ _global_batch_norm(z2, n_global))
+        c = all_reduce_with_grad(_global_batch_norm(z1, n_global).t() @ _global_batch_norm(z2, n_global))
         c = c / n_global
         on_diag = (1 - torch.diagonal(c)).pow(2).sum()
         return on_diag + lambda_ * _off_diagonal(c).pow(2).sum()
@@ -153,8 +139,8 @@ def vicreg_loss(x: Tensor, y: Tensor, sim: float = 25.0, var: float = 25.0, cov:
                 eps: float = 1e-4) -> Tensor:
     """VICReg: sim * MSE(x, y) (local batch) + var * [mean_d relu(1 - sqrt(Var_d + eps))]_(x,y averaged)
     + cov * [sum_{i != j} Cov_ij^2 / D]_(x + y), Cov = X^T X / (N - 1) of centred, all-gathered X."""
-    with _autocast_off(x):
-        x, y = _at_least_fp32(x), _at_least_fp32(y)
+    with autocast_off(x):
+        x, y = at_least_fp32(x), at_least_fp32(y)
         invariance = F.mse_loss(x, y)
         x, y = gather_with_grad(x), gather_with_grad(y)
         n, d = x.shape

@@ -7,10 +7,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.distributed import gather_with_grad, rank, world_size
 from models.heads import mlp
-from models.losses import world_size
 from models.methods.base import Method, Progress
-from models.zoo_losses import gather_with_grad, info_nce_loss, rank
+from models.zoo_losses import info_nce_loss
 
 
 class MoCoV2(Method):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.distributed import world_size
 from models.heads import SwAVHead, SwAVPrototypes
-from models.losses import swapped_prediction_loss, swav_codes, world_size
+from models.losses import swapped_prediction_loss, swav_codes
 from models.methods.base import Method, Progress
 from models.optim import param_groups
 
