@@ -22,7 +22,7 @@ from tools import gpu_check
 from tools.gpu_check import (ABS_TOLERANCE, REL_TOLERANCE, batch_to, compare_losses, count_sync_warnings,
                              exact_float32, failures, first_step_loss, first_step_losses, format_table,
                              jsonable, last_error_line, main, parse_args, per_step_summary, read_losses,
-                             summarise_profile, write_report)
+                             run_command, summarise_profile, write_report)
 from tools.profile_throughput import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +246,29 @@ def test_a_runs_losses_and_its_error_line_are_read_from_its_files(tmp_path):
     assert last_error_line(log) == "train.py: error: loss is nan at step 3"
     assert last_error_line("Traceback\n  File x\nRuntimeError: CUDA error\n\n") == "RuntimeError: CUDA error"
     assert last_error_line("") is None
+
+
+def test_a_command_gives_its_exit_code_and_both_output_streams():
+    command = [sys.executable, "-c", "import sys; print('out'); sys.exit('err')"]
+    code, output = run_command(command, timeout=120)
+    assert code == 1 and output.split() == ["out", "err"]
+
+
+def test_a_command_out_of_time_is_killed_with_the_processes_it_started_in_sessions_of_their_own():
+    """As accelerate launch starts its ranks: a timed-out launcher must not leave them holding GPUs."""
+    import psutil
+
+    grandchild = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(600)'], start_new_session=True); print(p.pid, flush=True); "
+                  "time.sleep(600)")
+    code, output = run_command([sys.executable, "-c", grandchild], timeout=5)
+    assert code is None
+    pid = int(output.split()[0])
+    try:
+        psutil.Process(pid).wait(timeout=30)  # gone (reaped by init once killed)
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 # ------------------------------------------------------------------------------------ the CPU half

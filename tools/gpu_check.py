@@ -53,8 +53,8 @@ PROG = "gpu_check"
 NO_GPU = f"{PROG}: no CUDA GPU on this machine; nothing to check (this tool is for GPU machines)"
 REPORT = "gpu_check.json"
 # The same maths on the same batch in float32 with TF32 off still differs between devices: cuDNN and
-# cuBLAS pick other algorithms (other summation orders) than the CPU kernels, which moves a loss by
-# ~1e-6-1e-5 relative after 50 layers; 1e-3 leaves room for that and still catches a wrong result.
+# cuBLAS run other algorithms than the CPU kernels, which sum in other orders, so the losses agree only
+# up to rounding accumulated through a deep network; 1e-3 leaves room for that and catches a wrong result.
 REL_TOLERANCE = 1e-3
 # a loss near zero (e.g. SimSiam's -cos at a lucky initialisation) is judged on its absolute difference
 ABS_TOLERANCE = 1e-6
@@ -333,41 +333,59 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def run_command(command: list[str], timeout: float) -> tuple[int | None, str]:
+    """(exit code, stdout and stderr together) of `command` in the repository root; the exit code is None
+    when it ran out of `timeout` seconds, and then it and every process it started are killed (accelerate
+    launch's ranks run in sessions of their own, so they are found as its descendants)."""
+    import psutil
+
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        try:
+            descendants = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for doomed in [process, *descendants]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                doomed.kill()
+        output, _ = process.communicate()
+        return None, output
+
+
 def run_training(method: str, steps: int, batch_size: int, seed: int, runs: Path, processes: int) -> dict:
     """`train.py` for `steps` steps of `method` on the demo shards; one GPU, or `processes` under
     accelerate launch --multi_gpu. Returns exit code, steps logged, final loss and seconds."""
     run_dir = runs / method
     shutil.rmtree(run_dir, ignore_errors=True)
     runs.mkdir(parents=True, exist_ok=True)
-    train = [str(ROOT / "train.py"), "--method", method, "--data", str(DEMO_TRAIN), "--val-data", "",
-             "--max-steps", str(steps), "--batch-size", str(batch_size), "--seed", str(seed),
-             "--log-every", "1", "--checkpoint-every", "1000000", "--output-dir", str(runs), "--name", method]
+    options = [str(ROOT / "train.py"), "--method", method, "--data", str(DEMO_TRAIN), "--val-data", "",
+               "--max-steps", str(steps), "--batch-size", str(batch_size), "--seed", str(seed),
+               "--log-every", "1", "--checkpoint-every", "1000000", "--output-dir", str(runs),
+               "--name", method]
     if processes == 1:
-        command = [sys.executable, *train]
+        command = [sys.executable, *options]
     else:
         script = Path(sys.executable).with_name("accelerate")
         launch = [str(script), "launch"] if script.is_file() else [sys.executable, "-m",
                                                                    "accelerate.commands.launch"]
         command = [*launch, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), *train]
+                   "--main_process_port", str(free_port()), *options]
     log = runs / f"{method}.log"
     started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                timeout=TRAIN_TIMEOUT)
-        exit_code, output, error = result.returncode, result.stdout, None
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout
-        if isinstance(output, bytes):
-            output = output.decode(errors="replace")
-        exit_code, error = None, f"timed out after {TRAIN_TIMEOUT} s"
+    exit_code, output = run_command(command, TRAIN_TIMEOUT)
     seconds = time.perf_counter() - started
-    log.write_text("$ " + shlex.join(command) + "\n" + (output or ""))
+    log.write_text("$ " + shlex.join(command) + "\n" + output)
     losses = read_losses(run_dir)
-    if exit_code not in (0, None):
-        error = last_error_line(output or "")
+    error = None
+    if exit_code is None:
+        error = f"timed out after {TRAIN_TIMEOUT} s"
+    elif exit_code != 0:
+        error = last_error_line(output)
     exported = (run_dir / "backbone.safetensors").is_file()
     # kept: config.yaml, metrics.jsonl, TensorBoard events, backbone.json; the weights were only the check's
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -587,6 +605,7 @@ def _free_cuda() -> None:
 _PROFILE_CHILD = (
     "import sys, torch\n"
     "from tools import profile_throughput\n"
+    "sys.argv[0] = 'tools/profile_throughput.py'  # the command its JSON records\n"
     "code = profile_throughput.main(sys.argv[1:])\n"
     "print('peak_gpu_memory_bytes', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)\n"
     "sys.exit(code)\n"
@@ -624,19 +643,16 @@ def run_profile(method: str, multicrop: str, data: Path, batch_size: int, output
     entry = {"method": method, "multicrop": multicrop, "batch_size": batch_size, "ok": False, "error": None,
              "json": str(json_path), "log": str(folder / f"{method}.log"),
              "command": "python tools/profile_throughput.py " + shlex.join(arguments)}
-    try:
-        result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, timeout=PROFILE_TIMEOUT)
-    except subprocess.TimeoutExpired:
+    exit_code, output = run_command(command, PROFILE_TIMEOUT)
+    Path(entry["log"]).write_text(output)
+    entry["exit_code"] = exit_code
+    if exit_code is None:
         entry["error"] = f"timed out after {PROFILE_TIMEOUT} s"
         return entry
-    Path(entry["log"]).write_text(result.stdout)
-    entry["exit_code"] = result.returncode
-    if result.returncode != 0 or not json_path.is_file():
-        entry["error"] = f"exit {result.returncode}: {last_error_line(result.stdout) or ''}"
+    if exit_code != 0 or not json_path.is_file():
+        entry["error"] = f"exit {exit_code}: {last_error_line(output) or ''}"
         return entry
-    peak = [int(line.split()[1]) for line in result.stdout.splitlines()
-            if line.startswith("peak_gpu_memory_bytes")]
+    peak = [int(line.split()[1]) for line in output.splitlines() if line.startswith("peak_gpu_memory_bytes")]
     entry.update(summarise_profile(json.loads(json_path.read_text()), peak[-1] if peak else None))
     entry["ok"] = True
     return entry
