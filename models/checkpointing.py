@@ -25,6 +25,8 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
+from pipelines.files import atomic_write, atomic_write_text
+
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 
@@ -128,7 +130,7 @@ class RunCheckpoints:
     def write_config(self, config, recipe, runtime: dict | None = None) -> None:
         document = {"config": dataclasses.asdict(config), "recipe": recipe.to_dict(),
                     "recipe_text": recipe.describe(), "runtime": runtime or {}, "versions": package_versions()}
-        _atomic_write_text(self.root / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+        atomic_write_text(self.root / "config.yaml", yaml.safe_dump(document, sort_keys=False))
 
     def logger(self, accelerator) -> MetricsLogger:
         return MetricsLogger(self.root, accelerator.is_main_process, self.resumed_step)
@@ -206,20 +208,9 @@ class RunCheckpoints:
 
     def export_backbone(self, backbone: torch.nn.Module, config, model_kwargs: dict | None = None,
                         input_size: int | None = None) -> Path:
-        """backbone.safetensors and backbone.json: the timm name, stem, `timm.create_model` kwargs and
-        the input size it was trained at (the first crop size)."""
-        from safetensors.torch import save_file
-
-        path = self.root / "backbone.safetensors"
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
-        temporary = path.with_suffix(".tmp")
-        save_file(state, str(temporary))
-        os.replace(temporary, path)
-        info = {"timm_name": config.backbone, "method": config.method, "file": path.name,
-                "stem": getattr(backbone, "stem", "standard"), "model_kwargs": model_kwargs or {},
-                "input_size": input_size}
-        _atomic_write_text(self.root / "backbone.json", json.dumps(info, indent=2))
-        return path
+        """`export_backbone` into the run directory."""
+        return export_backbone(self.root, backbone, timm_name=config.backbone, method=config.method,
+                               model_kwargs=model_kwargs, input_size=input_size)
 
 
 def _checkpoint_path(path: Path) -> Path:
@@ -237,7 +228,24 @@ def _latest_run_name(output_dir: Path, method: str) -> str | None:
     return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime).name if runs else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+BACKBONE_WEIGHTS, BACKBONE_INFO = "backbone.safetensors", "backbone.json"
+
+
+def export_backbone(folder: Path, backbone: torch.nn.Module, *, timm_name: str, method: str | None,
+                    model_kwargs: dict | None = None, input_size: int | None = None, **extra) -> Path:
+    """Writes `folder`/backbone.safetensors (the weights under timm's names) and then backbone.json: the
+    timm name, the method, the weights' file name, the stem (`backbone.stem`), the `timm.create_model`
+    keyword arguments and the input size it was trained at (the first crop size), then `extra` keys.
+    Each file is written atomically; returns the weights' path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / BACKBONE_WEIGHTS
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
+    atomic_write(path, lambda temporary: save_file(state, str(temporary)))
+    info = {"timm_name": timm_name, "method": method, "file": path.name,
+            "stem": getattr(backbone, "stem", "standard"), "model_kwargs": model_kwargs or {},
+            "input_size": input_size, **extra}
+    atomic_write_text(folder / BACKBONE_INFO, json.dumps(info, indent=2))
+    return path

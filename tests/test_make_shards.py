@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.files import temporary_path
 from pipelines.shards import ShardError, open_shard_set, verify_shard_set
 from tools.make_shards import main
 
@@ -335,6 +336,19 @@ def test_refuses_a_non_empty_out_dir_without_force(tree, tmp_path):
     assert build(tree, out_dir, "--seed", "4", "--force", "--shard-size", "20k") == 0
     assert json.loads((out_dir / "manifest.json").read_text())["seed"] == 4
     assert (out_dir / "keep.txt").exists()
+    assert verify_shard_set(out_dir) == []
+
+
+def test_force_also_removes_the_temporaries_an_interrupted_run_left(tree, tmp_path):
+    out_dir = tmp_path / "out"
+    assert build(tree, out_dir, "--seed", "3") == 0
+    leftovers = [temporary_path(out_dir / "out-000007.tar"), temporary_path(out_dir / "manifest.json")]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a file")
+    other = temporary_path(out_dir / "notes.txt")  # not the shard set's: kept
+    assert build(tree, out_dir, "--force") == 0
+    assert not any(leftover.exists() for leftover in leftovers) and other.exists()
+    assert not [path for path in out_dir.iterdir() if path.name.endswith(".tmp") and path != other]
     assert verify_shard_set(out_dir) == []
 
 

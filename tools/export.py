@@ -16,35 +16,23 @@ With the "no-maxpool" stem set `model.maxpool = torch.nn.Identity()` after loadi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.checkpointing import export_backbone  # noqa: E402
 from tools.eval_knn import EvalError, load_backbone  # noqa: E402
 
 PROG = "export"
 
 
 def export(source: str | Path, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
+    """The backbone of `source` written to `out` as train.py exports it, plus the `source` it came from."""
     backbone, info = load_backbone(source)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / "backbone.safetensors"
-    temporary = weights.with_suffix(".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in backbone.state_dict().items()}, str(temporary))
-    os.replace(temporary, weights)
-    description = {"timm_name": info["timm_name"], "method": info.get("method"), "file": weights.name,
-                   "stem": info.get("stem", "standard"), "model_kwargs": info.get("model_kwargs") or {},
-                   "input_size": info.get("input_size"), "source": str(source)}
-    json_path = out / "backbone.json"
-    json_path.with_suffix(".tmp").write_text(json.dumps(description, indent=2))
-    os.replace(json_path.with_suffix(".tmp"), json_path)
-    return weights
+    return export_backbone(Path(out), backbone, timm_name=info["timm_name"], method=info.get("method"),
+                           model_kwargs=info.get("model_kwargs"), input_size=info.get("input_size"),
+                           source=str(source))
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pipelines.files import atomic_write_text, commit, target_name, temporary_path  # noqa: E402
 from pipelines.shards import (  # noqa: E402
     FORMAT,
     MANIFEST,
@@ -80,6 +81,7 @@ FASHION_MNIST_CLASSES = [
 ]
 IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = b"\x00\x00\x08\x01"  # unsigned bytes, 1 dimension
+IDX_MAGIC = {"images": IDX_IMAGES_MAGIC, "labels": IDX_LABELS_MAGIC}
 TAR_BLOCK = tarfile.BLOCKSIZE
 TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to a whole record
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -266,7 +268,10 @@ def read_list(path: Path, options: argparse.Namespace) -> Source:
     return Source("list", {"kind": "list", "path": options.source}, candidates, classes, [])
 
 
-def _load_idx(path: Path, magic: bytes, what: str) -> np.ndarray:
+def load_idx(path: Path, what: str) -> np.ndarray:
+    """An MNIST-style IDX file (gz or raw) of `what`, "images" (N, H, W) or "labels" (N,), as uint8;
+    CliError (one line) when it cannot be read or is not such a file."""
+    magic = IDX_MAGIC[what]
     try:
         raw = _read_maybe_gzip(path)
     except (OSError, EOFError, gzip.BadGzipFile) as error:
@@ -310,14 +315,14 @@ def _idx_classes(images: Path, labels: np.ndarray, options: argparse.Namespace) 
 
 
 def read_idx(path: Path, options: argparse.Namespace) -> Source:
-    images = _load_idx(path, IDX_IMAGES_MAGIC, "images")
+    images = load_idx(path, "images")
     labels_path = _idx_labels_path(path, options)
     description = {"kind": "idx", "path": options.source}
     labels, classes = None, None
     if labels_path is not None:
         if not labels_path.exists():
             raise CliError(f"--labels {labels_path} does not exist: give the labels-idx1 file of {path.name}")
-        labels = _load_idx(labels_path, IDX_LABELS_MAGIC, "labels")
+        labels = load_idx(labels_path, "labels")
         if len(labels) != len(images):
             raise CliError(
                 f"{labels_path} has {len(labels)} labels but {path} has {len(images)} images: "
@@ -541,7 +546,8 @@ def sample_members(
 
 
 class ShardWriter:
-    """Writes `<name>-%06d.tar` plus its DALI index, each under a `.tmp` name renamed when complete.
+    """Writes `<name>-%06d.tar` plus its DALI index, each under a temporary name renamed when complete
+    (`pipelines.files`).
 
     A shard is closed when adding the next sample would make it larger than `max_bytes` (a sample larger
     than that on its own gets a shard of its own).
@@ -551,16 +557,13 @@ class ShardWriter:
         self.out_dir, self.name, self.max_bytes = out_dir, name, max_bytes
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
+        self._tar_temporary: Path | None = None
         self._samples: list[list[IndexEntry]] = []
         self._content_bytes = 0
 
     def _paths(self) -> tuple[Path, Path]:
         stem = f"{self.name}-{len(self.shards):06d}"
         return self.out_dir / f"{stem}.tar", self.out_dir / f"{stem}.idx"
-
-    @staticmethod
-    def _tmp(path: Path) -> Path:
-        return path.with_name(path.name + ".tmp")
 
     def _closed_size(self, content_bytes: int) -> int:
         """Final tar size: two zero end blocks, then padding to a whole record."""
@@ -571,8 +574,9 @@ class ShardWriter:
         if self._tar is not None and self._closed_size(self._content_bytes + sample_bytes) > self.max_bytes:
             self._close_shard()
         if self._tar is None:
+            self._tar_temporary = temporary_path(self._paths()[0])
             self._tar = tarfile.open(  # noqa: SIM115 - stays open across add() calls
-                self._tmp(self._paths()[0]), "w", format=tarfile.USTAR_FORMAT
+                self._tar_temporary, "w", format=tarfile.USTAR_FORMAT
             )
         entries = []
         for filename, payload in members:
@@ -592,13 +596,12 @@ class ShardWriter:
     def _close_shard(self) -> None:
         tar_path, index_path = self._paths()
         self._tar.close()
-        tar_size = self._tmp(tar_path).stat().st_size
+        tar_size = self._tar_temporary.stat().st_size
         bad = [e for sample in self._samples for e in sample if e.offset + e.size > tar_size]
         if bad:  # would make DALI read past the end of the file
             raise RuntimeError(f"index entry {bad[0]} lies beyond the end of {tar_path} ({tar_size} bytes)")
-        self._tmp(index_path).write_text(format_index(self._samples))
-        os.replace(self._tmp(tar_path), tar_path)
-        os.replace(self._tmp(index_path), index_path)
+        commit(self._tar_temporary, tar_path)
+        atomic_write_text(index_path, format_index(self._samples))
         self.shards.append(
             {
                 "tar": tar_path.name,
@@ -607,7 +610,7 @@ class ShardWriter:
                 "bytes": tar_size,
             }
         )
-        self._tar, self._samples, self._content_bytes = None, [], 0
+        self._tar, self._tar_temporary, self._samples, self._content_bytes = None, None, [], 0
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -617,21 +620,14 @@ class ShardWriter:
     def abort(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            self._tmp(self._paths()[0]).unlink(missing_ok=True)
-            self._tar = None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            self._tar_temporary.unlink(missing_ok=True)
+            self._tar, self._tar_temporary = None, None
 
 
 def _old_output(out_dir: Path, name: str) -> list[Path]:
-    pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.(tar|idx)(\.tmp)?")
-    return [
-        p for p in out_dir.iterdir() if pattern.fullmatch(p.name) or p.name in (MANIFEST, MANIFEST + ".tmp")
-    ]
+    """A previous run's shards, indexes and manifest in `out_dir`, and the temporaries of any of them."""
+    pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.(tar|idx)|{re.escape(MANIFEST)}")
+    return [p for p in out_dir.iterdir() if pattern.fullmatch(target_name(p.name) or p.name)]
 
 
 def check_out_dir(out_dir: Path, source: Path, force: bool) -> None:
@@ -749,7 +745,7 @@ def make_shards(options: argparse.Namespace) -> list[str]:
             f"none of the {len(ordered)} files in SOURCE {source_path} is a usable image ({kinds})"
         )
     manifest = build_manifest(source, shards, skipped, options)
-    _write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return summary_lines(manifest, out_dir, options.limit, len(source.candidates))
 
 
