@@ -69,7 +69,26 @@ def knn_predict(
     return torch.cat(scores)
 
 
+def top_k_accuracies(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(top-1, top-5) accuracy in percent of class `scores` (n, classes) against `labels` (n,); 0 for n = 0."""
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    count = max(1, labels.shape[0])
+    top1 = (top5[:, 0] == labels).sum().item() / count * 100
+    return top1, (top5 == labels[:, None]).any(dim=1).sum().item() / count * 100
+
+
+def knn_accuracies(bank, bank_labels, queries, query_labels, num_classes: int, ks=(20, 200),
+                   temperature: float = 0.07) -> dict[str, dict[str, float]]:
+    """Top-1 and top-5 in percent of the weighted kNN for each k of `ks` (`bank` rows L2-normalised), keyed
+    as the JSON reports write them: {"20": {"top1": ..., "top5": ...}, ...}."""
+    results = {}
+    for k in ks:
+        scores = knn_predict(bank, bank_labels, queries, num_classes, k=k, temperature=temperature)
+        top1, top5 = top_k_accuracies(scores, query_labels)
+        results[str(k)] = {"top1": top1, "top5": top5}
+    return results
+
+
 def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07) -> float:
     """Top-1 accuracy in percent (`bank` rows L2-normalised)."""
-    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return (scores.argmax(1) == query_labels).sum().item() / max(1, query_labels.shape[0]) * 100
+    return knn_accuracies(bank, bank_labels, queries, query_labels, num_classes, (k,), temperature)[str(k)]["top1"]

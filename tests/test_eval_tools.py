@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.knn import top_k_accuracies
 from test_train import DATA, assert_ok, train
-from tools.eval_knn import main, top_k_accuracies
+from tools.eval_knn import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.knn import bank_dtype, knn_accuracy, knn_predict, l2_normalize_
+from models.knn import bank_dtype, knn_accuracies, knn_accuracy, knn_predict, l2_normalize_
 
 
 def test_separable_features_score_100_percent():
@@ -68,3 +68,20 @@ def test_a_similarity_budget_smaller_than_a_chunk_does_not_change_the_result():
     for budget in (3000, 10):  # 3 queries at a time against 1000; one at a time
         torch.testing.assert_close(knn_predict(bank, labels, queries, 5, max_similarities=budget), full,
                                    rtol=1e-4, atol=0)
+
+
+def test_knn_accuracies_score_each_k_as_its_own_vote():
+    generator = torch.Generator().manual_seed(5)
+    centres = torch.randn(6, 16, generator=generator)
+    labels = torch.arange(300) % 6
+    bank = l2_normalize_(centres[labels] + 1.5 * torch.randn(300, 16, generator=generator))
+    query_labels = torch.arange(120) % 6
+    queries = centres[query_labels] + 1.5 * torch.randn(120, 16, generator=generator)
+    results = knn_accuracies(bank, labels, queries, query_labels, 6, ks=(1, 20, 200), temperature=0.1)
+    assert list(results) == ["1", "20", "200"]  # keyed as the JSON reports write them
+    for k, row in results.items():
+        scores = knn_predict(bank, labels, queries, 6, k=int(k), temperature=0.1)
+        top1 = (scores.argmax(1) == query_labels).float().mean().item() * 100
+        assert row["top1"] == pytest.approx(top1) and 100 >= row["top5"] >= row["top1"]
+    assert len({row["top1"] for row in results.values()}) > 1  # each k votes with its own neighbours
+    assert knn_accuracy(bank, labels, queries, query_labels, 6, k=20, temperature=0.1) == results["20"]["top1"]

@@ -25,7 +25,6 @@ planned. JSON and a markdown table row go to
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -42,8 +41,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from models.knn import knn_predict  # noqa: E402
-from tools.eval_knn import extract, load_backbone, top_k_accuracies  # noqa: E402
+from models.knn import knn_accuracies, l2_normalize_  # noqa: E402
+from tools import make_shards  # noqa: E402
+from tools.eval_knn import extract, load_backbone  # noqa: E402
 from tools.linear_probe import probe  # noqa: E402
 
 PROG = "benchmark_quality"
@@ -66,22 +66,20 @@ def find_fashion_mnist(folder: Path) -> Path:
     return folder
 
 
-def read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path) as stream:
-        return np.frombuffer(stream.read(), np.uint8, offset=offset)
-
-
 def pixels(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images as (N, 784) floats in [0, 1], labels) straight from the IDX files."""
     images, labels = (folder / name for name in FILES[split])
-    x = read_idx(images, 16).reshape(-1, 28 * 28).astype(np.float32) / 255.0
-    return torch.from_numpy(x), torch.from_numpy(read_idx(labels, 8).astype(np.int64))
+    try:
+        x, y = make_shards.load_idx(images, "images"), make_shards.load_idx(labels, "labels")
+    except make_shards.CliError as error:
+        raise BenchmarkError(str(error)) from None
+    x = x.reshape(x.shape[0], -1).astype(np.float32) / 255.0
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
 
 def build_shards(folder: Path, work_dir: Path) -> dict[str, Path]:
     """The train and test shard sets (written once; an existing complete set is reused)."""
     from pipelines.shards import ShardError, open_shard_set
-    from tools import make_shards
 
     shards = {}
     for split, (images, _) in FILES.items():
@@ -97,16 +95,12 @@ def build_shards(folder: Path, work_dir: Path) -> dict[str, Path]:
     return shards
 
 
-def knn_scores(bank, bank_labels, queries, query_labels) -> dict:
-    results = {}
-    for k in KS:
-        scores = knn_predict(bank, bank_labels, queries, 10, k=k, temperature=0.07)
-        results[str(k)] = dict(zip(("top1", "top5"), top_k_accuracies(scores, query_labels)))
-    return results
-
-
 def evaluate_features(train_x, train_y, test_x, test_y) -> dict:
-    return {"knn": knn_scores(train_x, train_y, test_x, test_y), "linear": probe(train_x, train_y, test_x, test_y, 10)}
+    """kNN (on a normalised copy of the train features as the bank) and the linear probe (on the features
+    as they are)."""
+    bank = l2_normalize_(train_x.clone())
+    return {"knn": knn_accuracies(bank, train_y, test_x, test_y, 10, KS, temperature=0.07),
+            "linear": probe(train_x, train_y, test_x, test_y, 10)}
 
 
 def evaluate_backbone(backbone, info, shards: dict[str, Path], device) -> dict:

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from models.knn import knn_predict, l2_normalize_  # noqa: E402
+from models.knn import knn_accuracies, l2_normalize_  # noqa: E402
+from models.options import ConfigError, parse_options  # noqa: E402
 from pipelines.features import evaluation_stack, extract_features  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
 
@@ -47,8 +48,6 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
         path = path.parent
     if (path / "meta.json").is_file():  # a checkpoint: the method's evaluation backbone out of the model
         config = json.loads((path / "meta.json").read_text())["config"]
-        from train import parse_options
-
         info = {"timm_name": config["backbone"], "stem": config["stem"], "method": config["method"],
                 "model_kwargs": parse_options(config.get("backbone_options"), "--backbone-options"),
                 "input_size": _first_crop_size(config["multicrop"])}
@@ -80,12 +79,6 @@ def _first_crop_size(multicrop: str) -> int:
     return int(multicrop.split("+")[0].split("@")[0].split("x")[1])
 
 
-def top_k_accuracies(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    top1 = (top5[:, 0] == labels).float().mean().item() * 100
-    return top1, (top5 == labels[:, None]).any(dim=1).float().mean().item() * 100
-
-
 @torch.no_grad()
 def extract(backbone, info: dict, shards, size: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of `shards`, through the evaluation recipe at `size` px with
@@ -112,11 +105,8 @@ def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07
     l2_normalize_(bank)
     queries, query_labels = extract(backbone, info, val_shards, size, batch_size, device)
     results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
-               "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature, "k": {}}
-    for k in ks:
-        scores = knn_predict(bank, bank_labels, queries, len(train_shards.classes), k=k, temperature=temperature)
-        top1, top5 = top_k_accuracies(scores, query_labels)
-        results["k"][str(k)] = {"top1": top1, "top5": top5}
+               "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature}
+    results["k"] = knn_accuracies(bank, bank_labels, queries, query_labels, len(train_shards.classes), ks, temperature)
     return results
 
 
@@ -140,7 +130,7 @@ def main(argv=None) -> int:
     try:
         results = evaluate(args.backbone, args.train, args.val, args.k, args.temperature, args.size,
                            args.batch_size, args.device)
-    except (EvalError, ShardError, yaml.YAMLError) as error:
+    except (EvalError, ShardError, ConfigError, yaml.YAMLError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(f"{results['timm_name']} at {results['input_size']} px: bank {results['train']}, queries {results['val']}")

@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models.knn import top_k_accuracies  # noqa: E402
+from pipelines.files import atomic_write  # noqa: E402
 from pipelines.shards import ShardError, open_shard_set  # noqa: E402
-from tools.eval_knn import EvalError, add_feature_arguments, extract, load_backbone, top_k_accuracies  # noqa: E402
+from tools.eval_knn import EvalError, add_feature_arguments, extract, load_backbone  # noqa: E402
 
 PROG = "linear_probe"
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -88,9 +90,7 @@ def cached_features(backbone_path, info, backbone, shards, size, batch_size, dev
     features, labels = extract(backbone, info, shards, size, batch_size, device)
     features, labels = features.cpu(), labels.cpu()
     cache.parent.mkdir(exist_ok=True)
-    temporary = cache.with_suffix(".tmp")
-    torch.save({"features": features, "labels": labels}, temporary)
-    temporary.replace(cache)
+    atomic_write(cache, lambda temporary: torch.save({"features": features, "labels": labels}, temporary))
     return features, labels
 
 
