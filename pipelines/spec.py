@@ -318,7 +318,7 @@ PRESETS: dict[str, Recipe] = {
         ),
         std=SWAV_STD,
         global_only_scale=(0.08, 1.0),
-        # measured on the demo set (README, Training): 2x32+4x16 at 5 epochs averages 81.15 kNN over
+        # measured on the demo set (docs/RESULTS.md): 2x32+4x16 at 5 epochs averages 81.15 kNN over
         # seeds 0-4 with (0.3, 1) against 80.01 with (0.14, 1)
         small_global_scale=(0.3, 1.0),
     ),

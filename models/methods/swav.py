@@ -31,7 +31,7 @@ class SwAV(Method):
     final_lr_fraction = 0.001  # 4.8 -> 0.0048 and 0.6 -> 0.0006 upstream
     warmup_start_fraction = 1 / 16  # 0.3 -> 4.8 upstream
     # CPU: base LR 4.8 and batch 32 (0.6; twice the steps of batch 64 for the same images) scored highest
-    # in the short demo runs; kNN rises until about epoch 5 and levels off after (README, "Training")
+    # in the short demo runs; kNN rises until about epoch 5 and levels off after (docs/RESULTS.md)
     cpu_overrides = {"multicrop": "2x32+4x16", "epochs": 5, "warmup_epochs": 0.0, "lr": 4.8, "batch_size": 32}
     accepts_local_crops = True
     # each rank queues its own embeddings (as upstream): its queue is its own state
@@ -39,7 +39,7 @@ class SwAV(Method):
 
     HEAD_PRESETS = {
         "paper": dict(hidden_dim=2048, out_dim=128, n_prototypes=3000, epsilon=0.05, freeze_prototypes_steps=None),
-        # a few epochs on 10k images (README, "Training"): sharper codes and a short prototype freeze
+        # a few epochs on 10k images (docs/RESULTS.md): sharper codes and a short prototype freeze
         # learn faster; 64 prototypes for batches of 32-64 (the equipartition is soft when B << K)
         "small": dict(hidden_dim=512, out_dim=128, n_prototypes=64, epsilon=0.03, freeze_prototypes_steps=40),
     }
