@@ -16,29 +16,27 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import timm
 import torch
 import yaml
 
-from models.backbones import is_vit
+from models.backbones import default_stem, options_for_crops
 from models.checkpointing import CheckpointError, RunCheckpoints
 from models.knn import bank_dtype, knn_predict
 from models.methods import create_method, method_class
 from models.methods.base import Progress
 from models.optim import build_optimizer, cosine_schedule
+from models.options import ConfigError, format_options, parse_options
 from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set
 from pipelines.spec import RecipeError, preset
 from pipelines.stack import InputStack
 
-SMALL_IMAGE_CROPS = 64  # crops at most this large get a small-image ResNet stem by default
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -134,37 +132,12 @@ def parse_config(argv=None) -> Config:
     return Config(**values)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def parse_options(text: str | dict | None, flag: str) -> dict:
-    """`key=value,key=value` (values read as YAML, so lists work: `channels=[32,64]`) or a mapping
-    from a --config file."""
-    if not text:
-        return {}
-    if isinstance(text, dict):
-        return dict(text)
-    options = {}
-    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):  # commas that start the next key=
-        key, separator, value = item.partition("=")
-        if not separator or not key.strip():
-            raise ConfigError(f"{flag} {text!r}: expected key=value pairs joined by ','")
-        try:
-            options[key.strip()] = yaml.safe_load(value.strip())
-        except yaml.YAMLError:
-            raise ConfigError(f"{flag} {text!r}: {value.strip()!r} is not a YAML value") from None
-    return options
-
-
 def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Config, object, type]:
     """Fill the device- and method-dependent defaults; returns (config, recipe, method class)."""
     cls = method_class(config.method)
     on_gpu = device.type == "cuda"
-    backbone, backbone_options = config.backbone, parse_options(config.backbone_options, "--backbone-options")
-    if not backbone:
-        backbone, default_options = cls.default_backbone(on_gpu)
-        backbone_options = {**default_options, **backbone_options}
+    backbone, backbone_options = cls.chosen_backbone(
+        config.backbone, parse_options(config.backbone_options, "--backbone-options"), on_gpu)
     defaults = cls.defaults(on_gpu, backbone)
     resolved = dataclasses.replace(
         config,
@@ -180,11 +153,7 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
         data_threads=config.data_threads or cores_per_process(world_size),
     )
     recipe = preset(cls.recipe_preset).with_multicrop(resolved.multicrop)
-    if is_vit(backbone):
-        # a ViT's position table is built for one input size: the crops' (several sizes: resampled)
-        backbone_options.setdefault("img_size", recipe.groups[0].size)
-        if len(recipe.groups) > 1:
-            backbone_options.setdefault("dynamic_img_size", True)
+    backbone_options = options_for_crops(backbone, backbone_options, [group.size for group in recipe.groups])
     resolved = dataclasses.replace(resolved, backbone_options=format_options(backbone_options) or None)
     if resolved.stem is None:
         resolved = dataclasses.replace(resolved, stem=default_stem(resolved.backbone, recipe.groups[0].size, on_gpu))
@@ -192,22 +161,8 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
     return resolved, recipe, cls
 
 
-def format_options(options: dict) -> str:
-    """The inverse of `parse_options` (values written as YAML flow)."""
-    return ",".join(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                    for key, value in options.items())
-
-
 def cores_per_process(world_size: int) -> int:
     return max(1, (os.cpu_count() or 2) // world_size)
-
-
-def default_stem(backbone: str, crop_size: int, on_gpu: bool) -> str:
-    """Small crops through a stock ResNet end in 1x1 maps, so timm ResNets keep more resolution for them.
-    The cifar stem costs ~16x the compute of the standard one, no-maxpool ~4x: on CPU speed wins."""
-    if crop_size > SMALL_IMAGE_CROPS or backbone not in timm.list_models(module="resnet"):
-        return "standard"
-    return "cifar" if on_gpu else "no-maxpool"
 
 
 def main(argv=None) -> int:

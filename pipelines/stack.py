@@ -61,6 +61,30 @@ class Batch:
         return keys
 
 
+def dali_config(batch_size: int, device: torch.device | str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                num_threads: int = 2, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                training: bool = True) -> DaliConfig:
+    """How an input stack on `device` runs DALI: on a CUDA device, mixed decoding (nvJPEG) on that GPU
+    (the current one for a bare "cuda"), elsewhere everything on the CPU. `training=False` reads in shard
+    order and keeps the last, partial batch."""
+    device = torch.device(device)
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    return DaliConfig(
+        batch_size=batch_size,
+        shard_id=rank,
+        num_shards=world_size,
+        seed=seed,
+        device_id=device_id,
+        num_threads=num_threads,
+        prefetch_queue_depth=prefetch,
+        hw_decoder_load=hw_decoder_load,
+        shuffle=training,
+        drop_last=training,
+    )
+
+
 class InputStack:
     """Reads `data` with DALI (rank `rank` of `world_size`) and applies `recipe` on `device`.
 
@@ -98,18 +122,9 @@ class InputStack:
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
-        self.dali = DaliConfig(
-            batch_size=batch_size,
-            shard_id=rank,
-            num_shards=world_size,
-            seed=seed,
-            device_id=self._dali_device_id(),
-            num_threads=num_threads,
-            prefetch_queue_depth=prefetch,
-            hw_decoder_load=hw_decoder_load,
-            shuffle=training,
-            drop_last=training,
-        )
+        self.dali = dali_config(batch_size, self.device, rank=rank, world_size=world_size, seed=seed,
+                                num_threads=num_threads, prefetch=prefetch, hw_decoder_load=hw_decoder_load,
+                                training=training)
         # training drops the partial last batch; evaluation keeps it (and reads every sample once)
         if training:
             self.steps_per_epoch = per_rank // batch_size
@@ -122,11 +137,6 @@ class InputStack:
         self.step_in_epoch = 0
         self.wait_seconds = 0.0
         self._iterator = build_iterator(recipe, self.shards, self.dali)
-
-    def _dali_device_id(self) -> int | None:
-        if self.device.type != "cuda":
-            return None
-        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def __iter__(self):
         return self

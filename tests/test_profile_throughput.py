@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tools.profile_throughput import STAGES
+from pipelines.shards import DEMO_TRAIN, open_shard_set
+from pipelines.spec import preset
+from tools.profile_throughput import STAGES, Settings, method_and_optimizer, model_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +55,23 @@ def test_a_bad_method_is_a_one_line_error():
     assert result.stderr.strip().splitlines() == [
         "profile_throughput: error: no recipe preset for method 'nope'; known: barlowtwins, byol, dino, mae, "
         "mocov2, mocov3, sim, simclr, simsiam, swav, vicreg"]
+
+
+@pytest.mark.parametrize("method, multicrop", [("mae", "1x32"), ("sim", "2x32")])
+def test_the_model_stages_train_a_masked_method_on_its_own_vit_with_the_recipes_masks(method, multicrop):
+    settings = Settings(batch_size=8, threads=1, warmup=1, batches=1, repeats=1, device=torch.device("cpu"))
+    model, optimizer, recipe, described = method_and_optimizer(method, preset(method).with_multicrop(multicrop),
+                                                                settings.device, settings.batch_size)
+    assert described.startswith("vit_tiny_patch16_224, patch_size=4") and "img_size=32" in described
+    assert recipe.masking.patch_size == 4  # the mask grid follows the ViT's patches, as in training
+    seconds = model_stages(model, optimizer, recipe, open_shard_set(DEMO_TRAIN), settings)
+    assert list(seconds) == [STAGES[4], STAGES[5]]
+    assert optimizer.state  # AdamW stepped
+
+
+def test_a_recipe_the_method_cannot_train_on_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "tools/profile_throughput.py", "--method", "mae", "--multicrop", "2x32"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("profile_throughput: error: mae trains on 1 masked view(s)")

@@ -23,17 +23,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines.dali_stage import DaliConfig, build_pipeline  # noqa: E402
+from pipelines.dali_stage import build_pipeline  # noqa: E402
+from pipelines.masking import make_masks  # noqa: E402
 from pipelines.photometric import PhotometricStage  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, ShardError, open_shard_set  # noqa: E402
 from pipelines.spec import Photometric, RecipeError, preset  # noqa: E402
-from pipelines.stack import InputStack  # noqa: E402
+from pipelines.stack import Batch, InputStack, dali_config  # noqa: E402
 
 STAGES = ("1 read", "2 read+decode", "3 + crops (DALI)", "4 + photometric (input stack)", "5 model step",
           "6 end-to-end training", "7 peer baseline (DataLoader + PIL)")
@@ -70,7 +70,10 @@ def time_batches(next_batch, settings: Settings) -> float:
 
 
 def dali_stages(recipe, shards, settings: Settings) -> dict[str, float]:
-    config = DaliConfig(batch_size=settings.batch_size, num_threads=settings.threads, seed=0)
+    """Stages 1-3 with DALI set up as the input stack sets it up on `settings.device` (`dali_config`): on a
+    GPU the images are decoded there (mixed decoding, nvJPEG), as in training, so "vs decode" compares
+    the stack with the decoder it really uses."""
+    config = dali_config(settings.batch_size, settings.device, seed=0, num_threads=settings.threads)
     seconds = {}
     for stage, label in zip(("read", "decode", "crop"), STAGES[:3]):
         pipe = build_pipeline(recipe, shards, config, upto=stage)
@@ -139,19 +142,49 @@ def photometric_breakdown(recipe, settings: Settings) -> dict[str, float]:
     return breakdown
 
 
-def _method_and_optimizer(method_name: str, recipe, device: torch.device):
-    import train
-    from models.backbones import default_backbone
+def method_and_optimizer(method_name: str, recipe, device: torch.device, batch_size: int):
+    """(method, optimizer, the recipe the method trains on, a description of its backbone) as train.py
+    builds them with its defaults for `recipe` on `device`: the method's own default backbone for the
+    device (a ViT for MAE and SIM) sized to the crops, the default stem, the method's optimizer, and
+    the recipe adapted by the method (a masked method's mask grid follows its patch size). ValueError
+    when the method cannot train on `recipe`."""
+    from models.backbones import default_stem, options_for_crops
     from models.methods import create_method, method_class
     from models.optim import build_optimizer
 
+    cls = method_class(method_name)
+    cls.check_recipe(recipe, batch_size)
     on_gpu = device.type == "cuda"
-    backbone = default_backbone(device.type)
-    defaults = method_class(method_name).defaults(on_gpu, backbone)
-    stem = train.default_stem(backbone, recipe.groups[0].size, on_gpu)
-    method = create_method(method_name, backbone=backbone, stem=stem, on_gpu=on_gpu).to(device)
-    optimizer = build_optimizer(defaults["optimizer"], method.param_groups(defaults["weight_decay"]), lr=1e-3)
-    return method, optimizer, f"{backbone} ({stem} stem)"
+    backbone, options = cls.chosen_backbone(None, {}, on_gpu)
+    options = options_for_crops(backbone, options, [group.size for group in recipe.groups])
+    defaults = cls.defaults(on_gpu, backbone)
+    stem = default_stem(backbone, recipe.groups[0].size, on_gpu)
+    method = create_method(method_name, backbone=backbone, stem=stem, on_gpu=on_gpu, backbone_kwargs=options)
+    method = method.to(device)
+    optimizer = build_optimizer(defaults["optimizer"], method.param_groups(defaults["weight_decay"]), lr=1e-3,
+                                betas=method.adamw_betas)
+    described = ", ".join([backbone, *(f"{key}={value}" for key, value in options.items())])
+    return method, optimizer, method.adapt_recipe(recipe), f"{described} ({stem} stem)"
+
+
+def synthetic_batch(recipe, batch_size: int, device: torch.device) -> Batch:
+    """A batch of the recipe's shapes with random pixels: every view (whole-image boxes, no flips) and,
+    for a masked recipe, masks drawn as the input stack draws them."""
+    generator = torch.Generator(device).manual_seed(0)
+    views, boxes, flips = [], [], []
+    for group in recipe.groups:
+        rows = group.count * batch_size
+        views.append(torch.randn(rows, 3, group.size, group.size, generator=generator, device=device))
+        boxes.append(torch.tensor([0.0, 0.0, group.size, group.size], device=device).repeat(rows, 1))
+        flips.append(torch.zeros(rows, dtype=torch.bool, device=device))
+    size = recipe.groups[0].size
+    masks = None
+    if recipe.masking is not None:
+        masks = make_masks(recipe.masking, batch_size, size, generator, device)
+    return Batch(views=views, boxes=boxes, flips=flips,
+                 image_sizes=torch.tensor([size, size], device=device).repeat(batch_size, 1),
+                 labels=torch.full((batch_size,), -1, device=device), masks=masks,
+                 raw_keys=torch.zeros(batch_size, 1, dtype=torch.uint8))
 
 
 def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
@@ -161,18 +194,16 @@ def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
     train_step(method, optimizer, batch, Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total))
 
 
-def model_stages(method_name: str, recipe, shards, settings: Settings) -> tuple[dict[str, float], str]:
-    method, optimizer, model = _method_and_optimizer(method_name, recipe, settings.device)
-    views = [torch.randn(g.count * settings.batch_size, 3, g.size, g.size, device=settings.device)
-             for g in recipe.groups]
-    synthetic = SimpleNamespace(views=views, batch_size=settings.batch_size,
-                                counts=[g.count for g in recipe.groups])
+def model_stages(method, optimizer, recipe, shards, settings: Settings) -> dict[str, float]:
+    """Stage 5 (the step on a synthetic batch) and stage 6 (the step on the input stack's batches) of
+    `method` (from `method_and_optimizer`, with the recipe it adapted)."""
+    synthetic = synthetic_batch(recipe, settings.batch_size, settings.device)
     counter = iter(range(10**9))
     seconds = {STAGES[4]: time_batches(lambda: _train_step(method, optimizer, synthetic, next(counter)), settings)}
     stack = InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
                        num_threads=settings.threads)
     seconds[STAGES[5]] = time_batches(lambda: _train_step(method, optimizer, next(stack), next(counter)), settings)
-    return seconds, model
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -331,10 +362,11 @@ def main(argv=None) -> int:
         if args.multicrop:
             recipe = recipe.with_multicrop(args.multicrop)
         shards = open_shard_set(args.data)
-        skip = {int(n) for n in args.skip.split(",") if n.strip()}
     except (RecipeError, ShardError) as error:
         print(f"profile_throughput: error: {error}", file=sys.stderr)
         return 2
+    try:
+        skip = {int(n) for n in args.skip.split(",") if n.strip()}
     except ValueError:
         print(f"profile_throughput: error: --skip {args.skip!r}: give stage numbers such as 5,6", file=sys.stderr)
         return 2
@@ -343,6 +375,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(args.batch_size, args.threads, args.warmup, args.batches, args.repeats,
                         torch.device(args.device))
+    try:  # first: a masked method's recipe draws masks for its ViT's patches in every stage
+        method, optimizer, recipe, model = method_and_optimizer(args.method, recipe, settings.device,
+                                                                args.batch_size)
+    except ValueError as error:
+        print(f"profile_throughput: error: {error}", file=sys.stderr)
+        return 2
     seconds = dali_stages(recipe, shards, settings)
     results = {"method": recipe.name, "multicrop": recipe.multicrop, "data": str(shards.root),
                "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
@@ -358,7 +396,8 @@ def main(argv=None) -> int:
         results["stack_vs_peer"] = {"median": statistics.median(pairs), "pairs": pairs}
     results["photometric_ops"] = photometric_breakdown(recipe, settings)
     if not {5, 6} <= skip:
-        model_seconds, results["model"] = model_stages(args.method, recipe, shards, settings)
+        model_seconds = model_stages(method, optimizer, recipe, shards, settings)
+        results["model"] = model
         seconds.update({k: v for k, v in model_seconds.items() if int(k[0]) not in skip})
     if 7 not in skip:
         seconds[STAGES[6]] = statistics.median(peer_seconds)

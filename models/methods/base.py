@@ -91,6 +91,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """(timm name, keyword arguments) of the backbone used when none is given."""
         return default_backbone("cuda" if on_gpu else "cpu"), {}
 
+    @classmethod
+    def chosen_backbone(cls, backbone: str | None, options: dict, on_gpu: bool) -> tuple[str, dict[str, Any]]:
+        """(timm name, keyword arguments) a run trains: `backbone` with `options`, or (no name given) the
+        method's `default_backbone` with its keyword arguments, `options` on top."""
+        if backbone:
+            return backbone, dict(options)
+        default, default_options = cls.default_backbone(on_gpu)
+        return default, {**default_options, **options}
+
     def adapt_recipe(self, recipe):
         """The recipe this model trains on (masked methods match the mask grid to their patches)."""
         return recipe
