@@ -1,16 +1,23 @@
 """train.py end to end: real DALI, real Accelerate (also a real two-process launch), no mocks.
 
-Every run is a subprocess (`python train.py ...` from the repository root), so exit codes, stdout
-and stderr are what a user sees. Runs are tiny: the 2k validation shards as the data, resnet10t
-with the standard stem, 2x32+2x16 crops, batch 16, a few steps, one torch thread and one DALI
-thread per process (two OpenMP threads on a 2-core machine that is also busy are ~10x slower).
+Most runs call `train.main(argv)` in this process (`train`): its exit code, and what it printed to
+stdout and stderr, with the process-wide state a run sets put back afterwards (`own_process_state`).
+What depends on the process itself runs as a subprocess (`python train.py ...` from the repository
+root, `train_process`): signals, `accelerate launch` with two ranks, a time limit counted from process
+start, a full disk, and the exit status and stderr a user sees. Runs are tiny: the 2k validation
+shards as the data, resnet10t with the standard stem, 2x32+2x16 crops, batch 16, a few steps, one
+torch thread and one DALI thread per process (two OpenMP threads on a 2-core machine that is also
+busy are ~10x slower).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,8 +46,61 @@ pytestmark = pytest.mark.slow
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def train(*args, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python train.py TINY... args...` in the repository root; the options given last win."""
+@contextlib.contextmanager
+def own_process_state():
+    """Inside: what a subprocess would start from. Accelerate's shared states empty (each run makes its
+    own Accelerator), one torch thread (OMP_NUM_THREADS=1), the repository root as the working directory.
+    After: Accelerate's states as they were (an Accelerator made earlier in this process keeps working),
+    the SIGTERM/SIGINT handlers `train.main` installs replaced by the previous ones, the thread count and
+    the RNGs `set_seed` seeds restored."""
+    import numpy as np
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    shared = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
+    saved = [dict(state) for state in shared]
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    rngs = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    for state in shared:
+        state.clear()  # in place: every instance shares the dict (accelerate's "Borg" pattern)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.chdir(ROOT):
+            yield
+    finally:
+        for state, values in zip(shared, saved):
+            state.clear()
+            state.update(values)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        torch.set_num_threads(threads)
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.random.set_rng_state(rngs[2])
+
+
+def run_main(argv: list) -> subprocess.CompletedProcess:
+    """`train.main(argv)` in this process: its exit code (argparse's SystemExit included) and what it
+    printed to sys.stdout and sys.stderr. An exception escapes: a traceback fails the calling test."""
+    from train import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in argv]
+    with own_process_state(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
+def train(*args) -> subprocess.CompletedProcess:
+    """`train.py TINY... args...` in this process (`run_main`); the options given last win."""
+    return run_main([*TINY, *args])
+
+
+def train_process(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python train.py TINY... args...` in the repository root, a process of its own."""
     command = [sys.executable, "train.py", *TINY, *map(str, args)]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -149,7 +209,7 @@ def test_a_short_run_writes_config_metrics_tensorboard_checkpoint_and_a_timm_loa
                    "--output-dir", tmp_path, "--name", "run")
     assert_ok(result)
     run = tmp_path / "run"
-    if (os.cpu_count() or 1) > 1:  # ENV pins one OpenMP thread, as accelerate launch does by default
+    if (os.cpu_count() or 1) > 1:  # one torch thread, as accelerate launch sets by default
         assert f"pass accelerate launch --num_cpu_threads_per_process {os.cpu_count()}" in result.stdout
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -233,13 +293,13 @@ def test_resume_from_a_checkpoint_directory_needs_neither_name_nor_output_dir(si
 # ---------------------------------------------------------------------------------------------- 3. options
 
 
-def test_help_lists_every_config_option_with_its_default():
+def test_help_lists_every_config_option_with_its_default(monkeypatch):
     from train import Config
 
     # argparse wraps help at the terminal width and breaks on hyphens, which would split a long default
     # path ("fashion-mnist-" / "train-10k"); a wide COLUMNS keeps every entry on one line.
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env={**ENV, "COLUMNS": "10000"},
-                            capture_output=True, text=True, timeout=120)
+    monkeypatch.setenv("COLUMNS", "10000")
+    result = run_main(["--help"])
     assert_ok(result)
     text = " ".join(result.stdout.split())
     for option in dataclasses.fields(Config):
@@ -304,8 +364,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
     empty.mkdir()
     args = [str(a).format(empty=empty) for a in args]
     result = train("--max-steps", 1, "--output-dir", tmp_path / "runs", "--name", "bad", *args)
+    assert result.returncode == 2
     assert_one_line_error(result, *[f.format(empty=empty) for f in fragments])
     assert not list((tmp_path / "runs" / "bad" / "checkpoints").glob("*"))
+
+
+def test_bad_input_is_one_line_on_the_stderr_of_the_process_and_its_exit_status_is_2(tmp_path):
+    # the cases above run in this process; here what a user's shell sees, past the shards and DALI's
+    # pipeline (C++ code that could print to the process's stderr itself)
+    result = train_process("--batch-size", 5000, "--max-steps", 1, "--output-dir", tmp_path, "--name", "bad")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--batch-size 5000", "2000 samples")
+    assert result.stdout == ""
 
 
 def test_resuming_with_other_options_lists_the_differences(six_steps, tmp_path):
@@ -390,8 +460,9 @@ def test_a_schedule_by_time_follows_the_clock_past_the_planned_steps_and_ends_an
     run = tmp_path / "run"
     # a schedule of 5 steps stretched over what is left of 24 s after the set-up: many more steps
     # than 5, the LR falling with the share of the time used and at its final value at the end
-    result = train("--max-steps", 5, "--time-limit", 0.4, "--schedule-by-time", "--warmup-epochs", 0,
-                   "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run")
+    # (a process of its own: the limit counts from the start of the process)
+    result = train_process("--max-steps", 5, "--time-limit", 0.4, "--schedule-by-time", "--warmup-epochs", 0,
+                           "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run")
     assert_ok(result)
     records = [r for r in metrics(run) if "loss" in r]
     steps = [r["step"] for r in records]
@@ -450,7 +521,7 @@ def test_a_full_disk_while_checkpointing_is_a_one_line_error_and_keeps_the_previ
     # in their own way; ~1 MB more is left for the small files a resumed run writes first
     for free in (model_size // 2, model_size * 3 // 2):
         limit(run, free)
-        result = train("--max-steps", 6, *args, "--resume", "auto")
+        result = train_process("--max-steps", 6, *args, "--resume", "auto")  # its files close as it exits
         assert_one_line_error(result, "cannot write checkpoint", "step-00000006", "previous checkpoint is kept",
                               alone=False)
         assert checkpoints(run) == ["step-00000003"]  # no half-written step-00000006 or .tmp- directory
