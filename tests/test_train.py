@@ -462,7 +462,8 @@ def test_a_schedule_by_time_follows_the_clock_past_the_planned_steps_and_ends_an
     # than 5, the LR falling with the share of the time used and at its final value at the end
     # (a process of its own: the limit counts from the start of the process)
     result = train_process("--max-steps", 5, "--time-limit", 0.4, "--schedule-by-time", "--warmup-epochs", 0,
-                           "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run")
+                           "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path,
+                           "--name", "run")
     assert_ok(result)
     records = [r for r in metrics(run) if "loss" in r]
     steps = [r["step"] for r in records]
