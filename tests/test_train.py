@@ -541,27 +541,38 @@ def shard_keys(data: str) -> set[str]:
     return keys
 
 
-def test_two_processes_train_one_model_on_disjoint_samples(tmp_path):
-    result = launch_two_processes("--max-steps", 3, "--checkpoint-every", 3, "--log-keys",
-                                  "--output-dir", tmp_path, "--name", "run")
+# per-rank SwAV queues of 32 embeddings (2 batches), in use from step 3: rank 0's and rank 1's differ
+TWO_PROCESS_ARGS = ["--max-steps", 4, "--checkpoint-every", 2, "--log-keys",
+                    "--method-options", "queue_length=64,queue_start_epoch=0"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A 4-step run of two processes (`TWO_PROCESS_ARGS`), checkpoints at steps 2 and 4 (copy before use)."""
+    output = tmp_path_factory.mktemp("two-processes")
+    result = launch_two_processes(*TWO_PROCESS_ARGS, "--output-dir", output, "--name", "run")
     assert_ok(result)
+    return result, output / "run"
+
+
+def test_two_processes_train_one_model_on_disjoint_samples(two_process_run):
+    result, run = two_process_run
     assert "2 process(es) x batch 16" in result.stdout
-    run = tmp_path / "run"
-    assert list(losses(run)) == [1, 2, 3]  # logged once, by the main process
-    checkpoint = run / "checkpoints" / "step-00000003"
+    assert list(losses(run)) == [1, 2, 3, 4]  # logged once, by the main process
+    checkpoint = run / "checkpoints" / "step-00000004"
     assert json.loads((checkpoint / "meta.json").read_text())["num_processes"] == 2
     for rank in (0, 1):
         state = torch.load(checkpoint / f"input_stack_rank{rank}.pt", weights_only=True)
-        assert state["rank"] == rank and state["num_shards"] == 2 and state["step_in_epoch"] == 3
+        assert state["rank"] == rank and state["num_shards"] == 2 and state["step_in_epoch"] == 4
         assert (checkpoint / f"random_states_{rank}.pkl").is_file()
 
     # the keys each rank really trained on, logged by train.py --log-keys inside the launched run
     keys = {}
     for rank in (0, 1):
         lines = (run / f"keys_rank{rank}.txt").read_text().splitlines()
-        assert [int(line.split()[0]) for line in lines] == [1, 2, 3]
+        assert [int(line.split()[0]) for line in lines] == [1, 2, 3, 4]
         keys[rank] = [key for line in lines for key in line.split()[1:]]
-        assert len(keys[rank]) == 3 * 16 and len(set(keys[rank])) == 3 * 16  # no repeats within the epoch
+        assert len(keys[rank]) == 4 * 16 and len(set(keys[rank])) == 4 * 16  # no repeats within the epoch
     assert not set(keys[0]) & set(keys[1])
     assert set(keys[0]) | set(keys[1]) <= shard_keys(DATA)
 
@@ -637,13 +648,10 @@ def test_a_non_finite_loss_on_one_rank_stops_both_with_one_error(tmp_path):
     assert checkpoints(run) == ["step-00000002"]  # the last good one; nothing written after the bad step
 
 
-def test_two_processes_resume_each_rank_with_its_own_swav_queue(tmp_path):
+def test_two_processes_resume_each_rank_with_its_own_swav_queue(two_process_run, tmp_path):
     from safetensors.torch import load_file
 
-    # per-rank queues of 32 embeddings (2 batches), in use from step 3: rank 0's and rank 1's differ
-    args = ["--max-steps", 4, "--checkpoint-every", 2, "--method-options", "queue_length=64,queue_start_epoch=0"]
-    assert_ok(launch_two_processes(*args, "--output-dir", tmp_path, "--name", "run"))
-    run = tmp_path / "run"
+    _, run = two_process_run
     queues = [torch.load(run / "checkpoints" / "step-00000002" / f"method_rank{rank}.pt", weights_only=True)
               for rank in (0, 1)]
     assert all(int(q["queue_filled"]) == 32 for q in queues)
@@ -653,7 +661,8 @@ def test_two_processes_resume_each_rank_with_its_own_swav_queue(tmp_path):
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")
     (resumed / "backbone.safetensors").unlink()
-    assert_ok(launch_two_processes(*args, "--output-dir", resumed.parent, "--name", "run", "--resume", "auto"))
+    assert_ok(launch_two_processes(*TWO_PROCESS_ARGS, "--output-dir", resumed.parent, "--name", "run",
+                                   "--resume", "auto"))
     assert losses(resumed) == losses(run)  # steps 3-4 use the queues: rank 0's everywhere would change them
     final = "checkpoints/step-00000004"
     assert_same_tensors(load_file(resumed / final / "model.safetensors"), load_file(run / final / "model.safetensors"))
