@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,10 +57,13 @@ def commit(temporary: str | Path, path: str | Path) -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """`write(temporary)` writes the file (e.g. `torch.save`, safetensors' `save_file`); then `commit`.
-    If `write` or the commit fails, the temporary is removed and `path` is as it was."""
+    The file gets the permissions of a plain `open` whatever `write` did. If `write` or the commit fails,
+    the temporary is removed and `path` is as it was."""
     temporary = temporary_path(path)
     try:
+        mode = stat.S_IMODE(temporary.stat().st_mode)
         write(temporary)
+        os.chmod(temporary, mode)  # a writer may replace the file with a private one (safetensors' save_file)
         return commit(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -41,6 +41,10 @@ def test_a_writer_function_that_takes_a_path_torch_save_and_safetensors(tmp_path
     for found in (loaded, load_file(tmp_path / "model.safetensors")):
         assert found.keys() == state.keys() and all(torch.equal(found[key], state[key]) for key in state)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.pt", "model.safetensors"]
+    # save_file replaces the file it is given with a private one; the target still gets a plain file's mode
+    (tmp_path / "plain.txt").write_text("x")
+    mode = (tmp_path / "plain.txt").stat().st_mode
+    assert (tmp_path / "model.safetensors").stat().st_mode == (tmp_path / "cache.pt").stat().st_mode == mode
 
 
 def test_a_failing_writer_leaves_the_old_file_whole_or_none_and_no_temporary(tmp_path):
