@@ -47,22 +47,24 @@ def test_knn_of_the_export_and_of_the_checkpoint_agree(short_run, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_a_backbone_that_does_not_fit_and_unlabeled_shards_are_one_line_errors(short_run, tmp_path):
+def test_a_backbone_that_does_not_fit_and_unlabeled_shards_are_one_line_errors(short_run, tmp_path, capsys):
+    from tools.make_benchmark_set import main as make_benchmark_set
+
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     info = json.loads((short_run / "backbone.json").read_text())
     (wrong / "backbone.json").write_text(json.dumps({**info, "timm_name": "resnet18",
                                                        "file": str(short_run / info["file"])}))
     unlabeled = tmp_path / "unlabeled"
-    subprocess.run([sys.executable, "tools/make_benchmark_set.py", str(unlabeled), "--count", "2"], cwd=ROOT,
-                   check=True, capture_output=True)
+    assert make_benchmark_set([str(unlabeled), "--count", "2"]) == 0
+    capsys.readouterr()
     for args, fragment in (([str(wrong)], "does not fit resnet18"),
                            ([str(short_run), "--val", str(unlabeled)], "unlabeled"),
                            ([str(tmp_path)], "neither a run directory")):
-        result = subprocess.run([sys.executable, "tools/eval_knn.py", *args, "--train", DATA], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("eval_knn: error:"), result.stderr
+        code = main([*args, "--train", str(ROOT / DATA)])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("eval_knn: error:"), err
         assert fragment in lines[0], lines[0]
 
 
