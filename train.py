@@ -166,10 +166,57 @@ def cores_per_process(world_size: int) -> int:
 
 
 def main(argv=None) -> int:
+    """Set up (config, Accelerator, method, input stack, schedules, run directory), train, finish."""
     try:
         config = parse_config(argv)
-    except (ConfigError, TypeError) as error:
+        training = set_up(config)
+    except (ConfigError, RecipeError, ShardError, CheckpointError, ValueError) as error:
         return fail(str(error))
+    return train(training)
+
+
+@dataclass
+class Training:
+    """Everything the loop needs, made by `set_up`."""
+
+    config: Config
+    recipe: object
+    accelerator: object
+    method: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    model: torch.nn.Module  # the unwrapped method
+    optimizer: torch.optim.Optimizer
+    train_stack: InputStack
+    monitor: KnnMonitor | None
+    run: RunCheckpoints
+    logger: object
+    lr: float  # the peak LR after the method's batch scaling
+    lr_schedule: object  # per-iteration arrays
+    wd_schedule: object
+    total_steps: int
+    start_step: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_stack.steps_per_epoch
+
+    def schedule_index(self, step: int, time_share: float) -> int:
+        """The index into the schedule arrays: the step, or (--schedule-by-time) the share of the time
+        limit used."""
+        if self.config.schedule_by_time:
+            return min(self.total_steps - 1, int(time_share * self.total_steps))
+        return step
+
+    def apply_schedules(self, at: int) -> None:
+        # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
+        for group in self.optimizer.param_groups:
+            scheduled = self.lr if group.get("fixed_lr") else self.lr_schedule[at]
+            group["lr"] = float(scheduled) * group.get("lr_multiplier", 1.0)
+            if self.wd_schedule is not None and group.get("weight_decay", 0) > 0:
+                group["weight_decay"] = float(self.wd_schedule[at])
+
+
+def set_up(config: Config) -> Training:
+    """Raises ConfigError, RecipeError, ShardError, CheckpointError or ValueError with a one-line message."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -179,7 +226,7 @@ def main(argv=None) -> int:
     try:
         accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     except ValueError as error:  # e.g. fp16 without a GPU
-        return fail(f"--mixed-precision {config.mixed_precision}: {error}")
+        raise ConfigError(f"--mixed-precision {config.mixed_precision}: {error}") from None
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.device.type == "cuda":
         use_fast_cuda_kernels(config.tf32)
@@ -190,22 +237,18 @@ def main(argv=None) -> int:
                                on_gpu=accelerator.device.type == "cuda",
                                backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
                                **parse_options(config.method_options, "--method-options"))
-        recipe = method.adapt_recipe(recipe)
-        train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
-                                 seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
-        val_shards = knn_monitor_data(config, accelerator)
-        monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
     except TypeError as error:  # an option the method or the timm model does not take
-        return fail(f"--method-options {config.method_options} / --backbone-options {config.backbone_options}: "
-                    f"{error}")
-    except (ConfigError, RecipeError, ShardError, ValueError) as error:
-        return fail(str(error))
+        raise ConfigError(f"--method-options {config.method_options} / --backbone-options "
+                          f"{config.backbone_options}: {error}") from None
+    recipe = method.adapt_recipe(recipe)
+    train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
+                             seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
+    val_shards = knn_monitor_data(config, accelerator)
+    monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 
-    global_batch = config.batch_size * world
     steps_per_epoch = train_stack.steps_per_epoch
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
-    lr = config.lr * method.lr_scaling(global_batch)
+    lr = config.lr * method.lr_scaling(config.batch_size * world)
     lr_schedule = cosine_schedule(lr, method.final_lr(lr), total_steps,
                                   warmup_steps=min(round(config.warmup_epochs * steps_per_epoch), total_steps),
                                   warmup_start=lr * method.warmup_start_fraction)
@@ -221,12 +264,7 @@ def main(argv=None) -> int:
         model.compile_backbone()  # what the method's step runs through: the backbone's forward or a ViT's blocks
 
     run = RunCheckpoints.for_run(config, accelerator)
-    start_step = 0
-    if config.resume:
-        try:
-            start_step = run.resume(config.resume, config, accelerator, train_stack, model)
-        except CheckpointError as error:
-            return fail(str(error))
+    start_step = run.resume(config.resume, config, accelerator, train_stack, model) if config.resume else 0
     if accelerator.is_main_process:
         run.write_config(config, recipe, runtime=runtime_settings(config, accelerator, batch_norm_note))
         accelerator.print(recipe.describe())
@@ -241,29 +279,30 @@ def main(argv=None) -> int:
     logger = run.logger(accelerator)
     if monitor:
         monitor.random_init_baseline(model.eval_backbone, start_step, logger)
-    keys_log = (run.root / f"keys_rank{rank}.txt").open("a", buffering=1) if config.log_keys else None
+    return Training(config=config, recipe=recipe, accelerator=accelerator, method=method, model=model,
+                    optimizer=optimizer, train_stack=train_stack, monitor=monitor, run=run, logger=logger, lr=lr,
+                    lr_schedule=lr_schedule, wd_schedule=wd_schedule, total_steps=total_steps,
+                    start_step=start_step)
 
-    progress_bar = make_progress_bar(accelerator, total_steps, start_step)
-    signals = StepSignals(accelerator, install_stop_handlers(), time_share(config.time_limit))
-    learning = LearningCheck(fresh=start_step == 0)
-    step = start_step
-    window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
-    epoch_losses = []
-    timed_out = False
+
+def train(t: Training) -> int:
+    """The loop: one step, what every rank agrees on, the log, the end of an epoch, checkpoints; then finish."""
+    config, accelerator, total_steps = t.config, t.accelerator, t.total_steps
     by_time = config.schedule_by_time
+    keys_log = (t.run.root / f"keys_rank{accelerator.process_index}.txt").open("a", buffering=1) \
+        if config.log_keys else None
+    progress_bar = make_progress_bar(accelerator, total_steps, t.start_step)
+    signals = StepSignals(accelerator, install_stop_handlers(), time_share(config.time_limit))
+    learning = LearningCheck(fresh=t.start_step == 0)
+    throughput = Throughput(t.train_stack, config.batch_size * accelerator.num_processes)
+    step, epoch_losses, timed_out = t.start_step, [], False
     while by_time or step < total_steps:
-        epoch = step // steps_per_epoch
-        # the index into the schedule arrays: the step, or (--schedule-by-time) the share of the time limit used
-        at = min(total_steps - 1, int(signals.time_share * total_steps)) if by_time else step
-        progress = Progress(step=at, epoch=at // steps_per_epoch, total_steps=total_steps,
-                            steps_per_epoch=steps_per_epoch)
-        # Python floats: a numpy scalar in the optimizer state breaks the weights_only=True load on resume
-        for group in optimizer.param_groups:
-            scheduled = lr if group.get("fixed_lr") else lr_schedule[at]
-            group["lr"] = float(scheduled) * group.get("lr_multiplier", 1.0)
-            if wd_schedule is not None and group.get("weight_decay", 0) > 0:
-                group["weight_decay"] = float(wd_schedule[at])
-        batch = next(train_stack)
+        epoch = step // t.steps_per_epoch
+        at = t.schedule_index(step, signals.time_share)
+        progress = Progress(step=at, epoch=at // t.steps_per_epoch, total_steps=total_steps,
+                            steps_per_epoch=t.steps_per_epoch)
+        t.apply_schedules(at)
+        batch = next(t.train_stack)
         if keys_log:
             keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
         if config.channels_last:
@@ -271,14 +310,14 @@ def main(argv=None) -> int:
 
         # ---- one step
         with accelerator.autocast():
-            loss, metrics = method(batch, progress)
+            loss, metrics = t.method(batch, progress)
         signals.push(step + 1, loss)  # step + 1: the numbering of metrics.jsonl and checkpoints
-        optimizer_step(accelerator, method, optimizer, loss, progress, config.grad_clip)
+        optimizer_step(accelerator, t.method, t.optimizer, loss, progress, config.grad_clip)
         step += 1
-        window_images += config.batch_size * world
+        throughput.step()
 
         # ---- what every rank agrees on: read a step late, unless this step logs, evaluates or checkpoints
-        epoch_done = step % steps_per_epoch == 0
+        epoch_done = step % t.steps_per_epoch == 0
         planned_end = step == total_steps and not by_time
         decide_now = (step % config.log_every == 0 or step % config.checkpoint_every == 0 or epoch_done
                       or planned_end)
@@ -289,42 +328,42 @@ def main(argv=None) -> int:
             progress_bar.close()  # the error goes on its own line, after the bar
             bad_step, value = signals.non_finite
             shown = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another process"
-            return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch {(bad_step - 1) // steps_per_epoch})"
-                                   f"; the last good checkpoint in {run.checkpoint_dir} is kept: lower --lr or "
-                                   f"check the data")
+            return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch "
+                                   f"{(bad_step - 1) // t.steps_per_epoch}); the last good checkpoint in "
+                                   f"{t.run.checkpoint_dir} is kept: lower --lr or check the data")
         epoch_losses += learning.observe(signals.take_losses())
         timed_out = signals.time_share >= 1 and (by_time or step < total_steps)
         finished = planned_end or timed_out
 
+        # ---- the log
         if step % config.log_every == 0 or finished:
-            elapsed = time.perf_counter() - window_started
-            waited = (train_stack.wait_seconds - window_wait) / max(elapsed, 1e-9)
-            record = {"step": step, "epoch": epoch, "loss": signals.last_loss, "lr": lr_schedule[at],
-                      "images_per_second": window_images / max(elapsed, 1e-9), "data_wait": waited}
+            record = {"step": step, "epoch": epoch, "loss": signals.last_loss, "lr": t.lr_schedule[at],
+                      **throughput.window()}
             if by_time:
                 record["schedule_step"] = at + 1
             record.update({k: float(v) for k, v in metrics.items() if k != "loss"})
-            logger.log(record)
+            t.logger.log(record)
             progress_bar.update(step, record)
-            window_started, window_images, window_wait = time.perf_counter(), 0, train_stack.wait_seconds
 
-        # ---- end of an epoch
+        # ---- the end of an epoch: kNN monitor, summary line, warnings
         if epoch_done or finished:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / max(len(epoch_losses), 1)}
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
-            if monitor and evaluate_now:
-                summary["knn_top1"] = monitor.evaluate(model.eval_backbone)
-                summary["knn_random_init"] = monitor.baseline
-                logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
-            accelerator.print(format_epoch_summary(summary, total_epochs))
+            if t.monitor and evaluate_now:
+                summary["knn_top1"] = t.monitor.evaluate(t.model.eval_backbone)
+                summary["knn_random_init"] = t.monitor.baseline
+                t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
+            accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
             share_done = signals.time_share if by_time else step / total_steps
             for warning in learning.warnings(summary, share_done):
                 accelerator.print(f"warning: {warning}")
-                logger.log({"step": step, "epoch": epoch, "warning": warning})
+                t.logger.log({"step": step, "epoch": epoch, "warning": warning})
+
+        # ---- checkpoints, and the ways a run stops early
         if step % config.checkpoint_every == 0 or finished or signals.stop:
             try:
-                run.save(step, config, accelerator, train_stack, model)
+                t.run.save(step, config, accelerator, t.train_stack, t.model)
             except CheckpointError as error:  # e.g. a full disk: one line, the previous checkpoint is kept
                 progress_bar.close()
                 return fail(str(error))
@@ -343,17 +382,43 @@ def main(argv=None) -> int:
                                   f"checkpoint written; --resume auto continues the schedule")
             break
     progress_bar.close()
-    if ((step == total_steps and not by_time) or timed_out) and accelerator.is_main_process:
-        path = run.export_backbone(model.eval_backbone, config,
-                                   parse_options(config.backbone_options, "--backbone-options"),
-                                   input_size=recipe.groups[0].size)
-        accelerator.print(f"backbone written to {path}")
-    logger.close()
     if keys_log:
         keys_log.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    return finish(t, completed=(step == total_steps and not by_time) or timed_out)
+
+
+def finish(t: Training, completed: bool) -> int:
+    """A completed run (its planned steps done, or its time limit reached) exports its backbone."""
+    if completed and t.accelerator.is_main_process:
+        path = t.run.export_backbone(t.model.eval_backbone, t.config,
+                                     parse_options(t.config.backbone_options, "--backbone-options"),
+                                     input_size=t.recipe.groups[0].size)
+        t.accelerator.print(f"backbone written to {path}")
+    t.logger.close()
+    t.accelerator.wait_for_everyone()
+    t.accelerator.end_training()
     return 0
+
+
+class Throughput:
+    """Images per second and the share of the time spent waiting for data, per log window."""
+
+    def __init__(self, stack: InputStack, images_per_step: int):
+        self.stack, self.images_per_step = stack, images_per_step
+        self._restart()
+
+    def _restart(self) -> None:
+        self.started, self.images, self.waited = time.perf_counter(), 0, self.stack.wait_seconds
+
+    def step(self) -> None:
+        self.images += self.images_per_step
+
+    def window(self) -> dict:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {"images_per_second": self.images / elapsed,
+                  "data_wait": (self.stack.wait_seconds - self.waited) / elapsed}
+        self._restart()
+        return record
 
 
 def knn_monitor_data(config: Config, accelerator):
