@@ -120,9 +120,10 @@ def train_command(args, shards: dict[str, Path], run_dir: Path, extra: list[str]
 
 
 def run_training(command: list[str], threads: int) -> None:
+    """`command` in this process's working directory, where the relative paths given to this tool lead."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("$ " + " ".join(shlex.quote(part) for part in command), flush=True)
-    result = subprocess.run(command, cwd=ROOT, env=env)
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise BenchmarkError(f"train.py exited with {result.returncode} (its error is above)")
 
