@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from models.methods import METHODS, method_class  # noqa: E402
+from pipelines.files import atomic_write_text  # noqa: E402
 from pipelines.shards import DEMO_TRAIN  # noqa: E402
 
 PROG = "gpu_check"
@@ -302,11 +303,7 @@ def jsonable(value):
 
 def write_report(report: dict, output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
-    path = output / REPORT
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
-    temporary.replace(path)
-    return path
+    return atomic_write_text(output / REPORT, json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------ 1: train.py runs
