@@ -32,13 +32,11 @@ from models.methods import create_method, method_class
 from models.methods.base import Progress
 from models.optim import build_optimizer, cosine_schedule
 from models.options import ConfigError, format_options, parse_options
+from models.runtime import MIXED_PRECISION, default_mixed_precision, use_fast_cuda_kernels
 from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set
 from pipelines.spec import RecipeError, preset
 from pipelines.stack import InputStack
-
-MIXED_PRECISION = ("no", "bf16", "fp16")
-
 
 @dataclass
 class Config:
@@ -689,23 +687,6 @@ def fail_everywhere(accelerator, message: str) -> int:
 
         dist.destroy_process_group()
     return 2
-
-
-def default_mixed_precision() -> str:
-    """The launcher's choice (`accelerate launch --mixed_precision`) unless it is "no"; otherwise bf16
-    autocast on a CUDA GPU that supports it (Ampere and later), float32 elsewhere."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher != "no":
-        return launcher
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def use_fast_cuda_kernels(tf32: bool) -> None:
-    """TF32 for float32 matmuls and convolutions, cuDNN autotuning (input shapes are fixed per crop size)."""
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.benchmark = True
 
 
 def synchronise_batch_norm(config: Config, cls, method, device_type: str, world: int) -> tuple[Config, str]:

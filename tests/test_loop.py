@@ -171,3 +171,13 @@ def test_ddp_does_not_broadcast_queues_and_centres_every_forward(name, kept_out,
         assert any(".running_mean" in buffer for buffer in broadcast)  # batch-norm statistics still are
     finally:
         dist.destroy_process_group()
+
+
+def test_the_profiler_and_training_share_one_autocast_rule():
+    from models.runtime import autocast
+
+    a = torch.randn(4, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "no"):
+        assert (a @ a).dtype == torch.float32

@@ -190,13 +190,22 @@ def synthetic_batch(recipe, batch_size: int, device: torch.device) -> Batch:
 def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
     from models.methods import Progress
     from models.methods.base import train_step
+    from models.runtime import autocast, default_mixed_precision
 
-    train_step(method, optimizer, batch, Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total))
+    progress = Progress(step=step % total, epoch=0, total_steps=total, steps_per_epoch=total)
+    # the step as train.py computes it by default: bf16 autocast on a CUDA GPU that has it, else float32
+    device = batch.views[0].device
+    with autocast(device, default_mixed_precision() if device.type == "cuda" else "no"):
+        train_step(method, optimizer, batch, progress)
 
 
 def model_stages(method, optimizer, recipe, shards, settings: Settings) -> dict[str, float]:
     """Stage 5 (the step on a synthetic batch) and stage 6 (the step on the input stack's batches) of
     `method` (from `method_and_optimizer`, with the recipe it adapted)."""
+    if settings.device.type == "cuda":
+        from models.runtime import use_fast_cuda_kernels
+
+        use_fast_cuda_kernels()  # TF32 and cuDNN autotuning, as train.py sets them up
     synthetic = synthetic_batch(recipe, settings.batch_size, settings.device)
     counter = iter(range(10**9))
     seconds = {STAGES[4]: time_batches(lambda: _train_step(method, optimizer, synthetic, next(counter)), settings)}
