@@ -324,6 +324,7 @@ def train(t: Training) -> int:
             signals.update(wait=True)  # this step will checkpoint: its own loss must be known to be finite
         if signals.non_finite is not None:
             progress_bar.close()  # the error goes on its own line, after the bar
+            t.logger.close()
             bad_step, value = signals.non_finite
             shown = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another process"
             return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch "
@@ -364,6 +365,7 @@ def train(t: Training) -> int:
                 t.run.save(step, config, accelerator, t.train_stack, t.model)
             except CheckpointError as error:  # e.g. a full disk: one line, the previous checkpoint is kept
                 progress_bar.close()
+                t.logger.close()
                 return fail(str(error))
         if signals.stop and not finished:
             progress_bar.close()
