@@ -502,7 +502,9 @@ class LearningCheck:
     """One-line warnings when a run does not seem to learn (README, "When a run does not learn"): a kNN
     evaluation under the random-init baseline, and a loss that has moved by less than `MIN_LOSS_CHANGE` of
     its start once `CHECK_SHARE` of the run is done. The start is the mean of the first `START_STEPS`
-    losses; a resumed run skips the loss check (its first losses are not the run's start)."""
+    losses; a resumed run skips the loss check (its first losses are not the run's start), and so does an
+    epoch whose kNN is above the baseline: the features learn, and a queue method's loss can rise while
+    they do (its queue fills with harder negatives)."""
 
     CHECK_SHARE = 0.25
     MIN_LOSS_CHANGE = 0.02
@@ -518,8 +520,10 @@ class LearningCheck:
         return losses
 
     def warnings(self, summary: dict, share_done: float) -> list[str]:
-        found = [knn_warning(summary.get("knn_top1"), summary.get("knn_random_init"))]
-        if not self.loss_checked and share_done >= self.CHECK_SHARE and self.start_losses:
+        knn, baseline = summary.get("knn_top1"), summary.get("knn_random_init")
+        found = [knn_warning(knn, baseline)]
+        learning = knn is not None and baseline is not None and knn > baseline
+        if not self.loss_checked and share_done >= self.CHECK_SHARE and self.start_losses and not learning:
             self.loss_checked = True
             start = sum(self.start_losses) / len(self.start_losses)
             found.append(flat_loss_warning(start, summary["mean_loss"], share_done, self.MIN_LOSS_CHANGE))

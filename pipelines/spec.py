@@ -329,6 +329,8 @@ PRESETS: dict[str, Recipe] = {
             ViewGroup(8, 96, (0.05, 0.4), (_jitter(0.4, 0.4, 0.2, 0.1, blur_p=0.5),), interpolation="bicubic"),
         ),
     ),
+    "mocov1": Recipe("mocov1", _two_views((0.2, 1.0), [_jitter(0.4, 0.4, 0.4, 0.4, p=1.0)], "bilinear"),
+                     notes="upstream greys before the jitter; here the stack's fixed order (jitter, then grey)"),
     "mocov2": Recipe("mocov2", _two_views((0.2, 1.0), [_MOCO_V2_VIEW], "bilinear")),
     "mocov3": Recipe("mocov3", _two_views((0.2, 1.0), _BYOL_VIEWS, "bilinear"), notes="ViT: scale (0.08, 1)"),
     "simclr": Recipe(

@@ -152,6 +152,11 @@ def test_a_moving_loss_and_a_resumed_run_get_no_loss_warning():
     both = train.LearningCheck(fresh=True)
     both.observe([4.16] * 10)
     assert len(both.warnings({"mean_loss": 4.16, "knn_top1": 50.0, "knn_random_init": 60.0}, share_done=0.5)) == 2
+    # a kNN above random init shows learning: a queue method's loss may stay flat or rise meanwhile
+    rising = train.LearningCheck(fresh=True)
+    rising.observe([4.75] * 10)
+    assert rising.warnings({"mean_loss": 4.81, "knn_top1": 78.7, "knn_random_init": 75.75}, share_done=0.5) == []
+    assert len(rising.warnings({"mean_loss": 4.81}, share_done=0.6)) == 1  # checked at the next epoch instead
 
 
 # ---------------------------------------------------------------------------------------------- DDP buffers

@@ -2,7 +2,7 @@ import pytest
 
 from pipelines.spec import PRESETS, Masking, RecipeError, format_multicrop, parse_multicrop, preset
 
-METHODS = ["swav", "dino", "mocov2", "mocov3", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae", "sim"]
+METHODS = ["swav", "dino", "mocov1", "mocov2", "mocov3", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae", "sim"]
 
 
 @pytest.mark.parametrize(

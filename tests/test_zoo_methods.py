@@ -21,8 +21,8 @@ from models.methods.dino import teacher_temperature_schedule
 from models.methods.mocov2 import MoCoV2
 from pipelines.spec import preset
 
-ZOO = ("dino", "mocov2", "mocov3", "simclr", "byol", "simsiam", "barlowtwins", "vicreg")
-TEACHERS = ("dino", "mocov2", "mocov3", "byol")  # methods with an EMA teacher (and state to resume)
+ZOO = ("dino", "mocov1", "mocov2", "mocov3", "simclr", "byol", "simsiam", "barlowtwins", "vicreg")
+TEACHERS = ("dino", "mocov1", "mocov2", "mocov3", "byol")  # methods with an EMA teacher (and state to resume)
 
 
 def batch_of(method_cls, batch_size: int = 8, seed: int = 0) -> SimpleNamespace:
@@ -120,7 +120,7 @@ def test_dino_weight_decay_rises_along_a_cosine_for_a_vit_and_stays_for_a_resnet
 
 @pytest.mark.parametrize("name", ZOO)
 def test_one_step_gives_a_finite_loss_and_trains_the_backbone(name):
-    method = small(name, **({"queue_length": 64} if name == "mocov2" else {}))
+    method = small(name, **({"queue_length": 64} if name.startswith("mocov") and name != "mocov3" else {}))
     before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     loss = one_step(method, batch_of(type(method)), progress())
     assert torch.isfinite(loss)
@@ -130,7 +130,7 @@ def test_one_step_gives_a_finite_loss_and_trains_the_backbone(name):
 
 @pytest.mark.parametrize("name", TEACHERS)
 def test_teachers_follow_the_ema_of_their_students_and_take_no_gradient(name):
-    method = small(name, **({"queue_length": 64} if name == "mocov2" else {}))
+    method = small(name, **({"queue_length": 64} if name.startswith("mocov") and name != "mocov3" else {}))
     pairs = method.ema_pairs()
     assert pairs and all(not p.requires_grad for teacher, _ in pairs for p in teacher.parameters())
     teachers_before = [[p.clone() for p in teacher.parameters()] for teacher, _ in pairs]
@@ -283,7 +283,7 @@ def test_train_py_runs_each_method_and_resumes_its_state_exactly(name, tmp_path)
 
     multicrop = "2x32+2x16" if METHODS[name].accepts_local_crops else "2x32"
     args = ["--method", name, "--multicrop", multicrop, "--max-steps", 4, "--checkpoint-every", 2,
-            *(["--method-options", "queue_length=64"] if name == "mocov2" else [])]
+            *(["--method-options", "queue_length=64"] if name in ("mocov1", "mocov2") else [])]
     assert_ok(train(*args, "--output-dir", tmp_path / "full", "--name", "run"))
     run = tmp_path / "full" / "run"
     full = losses(run)
@@ -295,3 +295,20 @@ def test_train_py_runs_each_method_and_resumes_its_state_exactly(name, tmp_path)
         return
     # state beyond the weights (EMA teachers, queue, centre) survives a resume: 2 + 2 steps == 4 steps
     assert_four_steps_resume_exactly_from_step_two(args, run, tmp_path)
+
+
+def test_mocov1_is_mocov2_with_the_v1_head_temperature_and_views():
+    v1, v2 = small("mocov1", queue_length=64), small("mocov2", queue_length=64)
+    linear = [layer for layer in v1.projector if isinstance(layer, nn.Linear)]
+    assert len(linear) == 1 and (linear[0].in_features, linear[0].out_features) == (v1.feature_dim, 128)
+    assert len([layer for layer in v2.projector if isinstance(layer, nn.Linear)]) == 2
+    assert (v1.temperature, v2.temperature) == (0.07, 0.2)
+    assert METHODS["mocov1"].HEAD_PRESETS["paper"] == dict(hidden_dim=None, out_dim=128, queue_length=65536,
+                                                          momentum=0.999)
+    assert METHODS["mocov1"].defaults(on_gpu=True) == METHODS["mocov2"].defaults(on_gpu=True)  # SGD 0.03, wd 1e-4
+    assert not METHODS["mocov1"].sync_batch_norm  # shuffle-BN, as v2
+    (one,), (two,) = preset("mocov1").groups[0].photometric, preset("mocov2").groups[0].photometric
+    assert preset("mocov1").groups[0].scale == preset("mocov2").groups[0].scale == (0.2, 1.0)
+    assert (one.jitter_p, one.brightness, one.contrast, one.saturation, one.hue) == (1.0, 0.4, 0.4, 0.4, 0.4)
+    assert (one.grayscale_p, one.blur_p) == (0.2, 0.0)
+    assert (two.jitter_p, two.hue, two.blur_p) == (0.8, 0.1, 0.5)

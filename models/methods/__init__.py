@@ -7,6 +7,7 @@ from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
 from models.methods.dino import DINO
 from models.methods.mae import MAE
+from models.methods.mocov1 import MoCoV1
 from models.methods.mocov2 import MoCoV2
 from models.methods.mocov3 import MoCoV3
 from models.methods.simclr import SimCLR
@@ -16,7 +17,7 @@ from models.methods.swav import SwAV
 from models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SwAV, DINO, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM)
+    cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM)
 }
 
 

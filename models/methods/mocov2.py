@@ -32,6 +32,7 @@ class MoCoV2(Method):
     ema_cosine = False
     sync_batch_norm = False  # shuffle-BN instead: the key encoder's batch is shuffled across ranks
     REPLICATED_BUFFERS = ("queue", "queue_position")  # filled from keys gathered over all ranks
+    default_temperature = 0.2
 
     HEAD_PRESETS = {"paper": dict(hidden_dim=2048, out_dim=128, queue_length=65536, momentum=0.999),
                     # a short run on 10k images: a queue of ~half the set, and a key encoder that moves
@@ -39,14 +40,16 @@ class MoCoV2(Method):
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True,
                  head_preset: str | None = None, hidden_dim: int | None = None, out_dim: int | None = None,
-                 queue_length: int | None = None, momentum: float | None = None, temperature: float = 0.2,
-                 **backbone_options):
+                 queue_length: int | None = None, momentum: float | None = None,
+                 temperature: float | None = None, **backbone_options):
+        """`hidden_dim` None in the preset: a linear head (MoCo v1)."""
         super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
         sizes = self.head_sizes(head_preset, on_gpu, hidden_dim=hidden_dim, out_dim=out_dim,
                                 queue_length=queue_length, momentum=momentum)
-        self.projector = mlp([self.feature_dim, sizes["hidden_dim"], sizes["out_dim"]], batch_norm=False)
+        hidden = [sizes["hidden_dim"]] if sizes["hidden_dim"] else []
+        self.projector = mlp([self.feature_dim, *hidden, sizes["out_dim"]], batch_norm=False)
         self.add_teachers(sizes["momentum"])
-        self.temperature = temperature
+        self.temperature = self.default_temperature if temperature is None else temperature
         self.register_buffer("queue", F.normalize(torch.randn(sizes["queue_length"], sizes["out_dim"]), dim=1))
         self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
         self._position = 0  # queue_position on the host: reading the buffer each step would wait for the device
@@ -55,7 +58,7 @@ class MoCoV2(Method):
     def training_step(self, batch, progress: Progress):
         global_batch = batch.batch_size * world_size()
         if self.queue.shape[0] % global_batch:
-            raise ValueError(f"mocov2 queue_length {self.queue.shape[0]} is not a multiple of the global batch "
+            raise ValueError(f"{self.name} queue_length {self.queue.shape[0]} is not a multiple of the global batch "
                              f"{global_batch}: pick one that is")
         query_view, key_view = batch.views[0].split(batch.batch_size)
         queries = self.projector(self.backbone(query_view))
