@@ -50,7 +50,7 @@ def test_a_bad_method_is_a_one_line_error(capsys):
     assert main(["--method", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "profile_throughput: error: no recipe preset for method 'nope'; known: barlowtwins, byol, dino, mae, "
-        "mocov2, mocov3, sim, simclr, simsiam, swav, vicreg"]
+        "mocov1, mocov2, mocov3, sim, simclr, simsiam, swav, vicreg"]
 
 
 @pytest.mark.parametrize("method, multicrop", [("mae", "1x32"), ("sim", "2x32")])
