@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from models import training
 from models.methods import create_method, method_class
 from models.methods.base import Progress
 
@@ -31,7 +32,7 @@ ONE_CPU_PROCESS = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
 
 def test_step_signals_are_read_a_step_late_unless_the_loop_waits():
     stop = {"now": False}
-    signals = train.StepSignals(ONE_CPU_PROCESS, lambda: stop["now"])
+    signals = training.StepSignals(ONE_CPU_PROCESS, lambda: stop["now"])
     signals.push(1, torch.tensor(2.5))
     signals.update(wait=False)  # the newest step stays unread
     assert signals.take_losses() == [] and len(signals.pending) == 1
@@ -47,7 +48,7 @@ def test_step_signals_are_read_a_step_late_unless_the_loop_waits():
 
 def test_step_signals_remember_the_first_non_finite_step_and_the_largest_time_share():
     shares = iter([0.2, 0.7, 0.5])
-    signals = train.StepSignals(ONE_CPU_PROCESS, lambda: False, lambda: next(shares))
+    signals = training.StepSignals(ONE_CPU_PROCESS, lambda: False, lambda: next(shares))
     signals.push(1, torch.tensor(1.0))
     signals.push(2, torch.tensor(float("nan")))
     signals.push(3, torch.tensor(float("inf")))
@@ -77,7 +78,7 @@ def sync_norms(model) -> int:
 def test_batch_norms_are_synchronised_where_the_recipe_says_so(name, sync_bn, device, world, converted):
     method = small(name)
     norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules())
-    config = train.Config(method=name, sync_bn=sync_bn)
+    config = training.Config(method=name, sync_bn=sync_bn)
     config, note = train.synchronise_batch_norm(config, method_class(name), method, device, world)
     assert config.sync_bn == (method_class(name).sync_batch_norm if sync_bn is None else sync_bn)
     assert sync_norms(method) == (norms if converted else 0)
@@ -111,7 +112,7 @@ def test_a_step_the_grad_scaler_skips_leaves_teachers_and_queues_as_they_were(ov
             p.add_(0.01)
     loss, _ = method(random_batch(), progress())
     assert torch.isfinite(loss)
-    train.optimizer_step(accelerator, method, optimizer, loss, progress())
+    training.optimizer_step(accelerator, method, optimizer, loss, progress())
     assert optimizer.step_was_skipped == overflow
     assert torch.equal(method.queue, queue) == overflow
     assert all(torch.equal(a, b) for a, b in zip(method.key_backbone.parameters(), teacher)) == overflow

@@ -294,7 +294,7 @@ def test_resume_from_a_checkpoint_directory_needs_neither_name_nor_output_dir(si
 
 
 def test_help_lists_every_config_option_with_its_default(monkeypatch):
-    from train import Config
+    from models.training import Config
 
     # argparse wraps help at the terminal width and breaks on hyphens, which would split a long default
     # path ("fashion-mnist-" / "train-10k"); a wide COLUMNS keeps every entry on one line.
@@ -310,7 +310,7 @@ def test_help_lists_every_config_option_with_its_default(monkeypatch):
 
 
 def test_small_crops_get_a_resnet_stem_that_keeps_resolution():
-    from train import default_stem
+    from models.backbones import default_stem
 
     assert default_stem("resnet10t", 32, on_gpu=False) == "no-maxpool"
     assert default_stem("resnet50", 32, on_gpu=True) == "cifar"

@@ -398,15 +398,16 @@ def run_training(method: str, steps: int, batch_size: int, seed: int, runs: Path
 def build_method(name: str, *, gpu_config: bool, seed: int, batch_size: int):
     """(method on the CPU, its recipe, the resolved train.py Config) as train.py builds them for a run on a
     GPU (`gpu_config`: the paper's backbone, heads and crops) or on the CPU, with torch seeded by `seed`."""
-    import train
     from models.methods import create_method
+    from models.options import parse_options
+    from models.training import Config, resolve
 
-    config = train.Config(method=name, val_data="", batch_size=batch_size, seed=seed)
-    config, recipe, _ = train.resolve(config, torch.device("cuda" if gpu_config else "cpu"), world_size=1)
+    config = Config(method=name, val_data="", batch_size=batch_size, seed=seed)
+    config, recipe, _ = resolve(config, torch.device("cuda" if gpu_config else "cpu"), world_size=1)
     torch.manual_seed(seed)
     method = create_method(name, backbone=config.backbone, stem=config.stem, on_gpu=gpu_config,
-                           backbone_kwargs=train.parse_options(config.backbone_options, "--backbone-options"),
-                           **train.parse_options(config.method_options, "--method-options"))
+                           backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
+                           **parse_options(config.method_options, "--method-options"))
     return method, method.adapt_recipe(recipe), config
 
 
@@ -508,21 +509,23 @@ def compare_first_step(method_name: str, seed: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def _accelerator():
     """One Accelerator per process, made as train.py makes it (its mixed-precision default included)."""
-    import train
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=train.default_mixed_precision())
+    from models.runtime import default_mixed_precision
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=default_mixed_precision())
 
 
 @contextlib.contextmanager
 def _cuda_kernel_settings():
     """train.py's CUDA kernel settings (TF32, cuDNN autotuning) inside; the previous ones restored after."""
-    import train
+    from models.runtime import use_fast_cuda_kernels
+    from models.training import Config
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
     if torch.cuda.is_available():
-        train.use_fast_cuda_kernels(train.Config.tf32)
+        use_fast_cuda_kernels(Config.tf32)
     try:
         yield
     finally:
@@ -541,13 +544,13 @@ def _recorded_warnings():
 def count_syncs(method_name: str, steps: int, batch_size: int, seed: int, *, gpu_config: bool = True) -> dict:
     """Host-device syncs in `steps` (at least 2) training steps as train.py runs them, in this process: its
     Accelerator (mixed precision as train.py picks it), the method's defaults, the input stack on the device,
-    `train.optimizer_step` and the step signals read a step late, as at a step that does not log. The batch
+    `optimizer_step` and the step signals read a step late, as at a step that does not log. The batch
     (`next(stack)`) and the step (forward to after-step updates) are counted apart, every step; the
     summaries leave out the first (lazy initialisation, compilation). Without CUDA the same steps run on
     the CPU and count nothing (the sync debug mode is CUDA's)."""
-    import train
     from models.methods.base import Progress
     from models.optim import build_optimizer
+    from models.training import StepSignals, optimizer_step
     from pipelines.stack import InputStack
 
     accelerator = _accelerator()
@@ -559,7 +562,7 @@ def count_syncs(method_name: str, steps: int, batch_size: int, seed: int, *, gpu
     method, optimizer = accelerator.prepare(method, optimizer)
     stack = InputStack(recipe, config.data, batch_size, seed=seed, device=accelerator.device,
                        num_threads=config.data_threads)
-    signals = train.StepSignals(accelerator, lambda: False)
+    signals = StepSignals(accelerator, lambda: False)
     stack_counts, step_counts = [], []
     try:
         with _cuda_kernel_settings():
@@ -576,7 +579,7 @@ def count_syncs(method_name: str, steps: int, batch_size: int, seed: int, *, gpu
                         with accelerator.autocast():
                             loss, _ = method(batch, progress)
                         signals.push(step + 1, loss)
-                        train.optimizer_step(accelerator, method, optimizer, loss, progress, config.grad_clip)
+                        optimizer_step(accelerator, method, optimizer, loss, progress, config.grad_clip)
                         signals.update(wait=False)
                     step_counts.append(count_sync_warnings(caught))
             finally:
