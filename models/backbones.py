@@ -1,11 +1,16 @@
-"""Backbones: any timm model, returning pooled features and their dimension."""
+"""Backbones: any timm model, returning pooled features and their dimension, or features of its
+intermediate layers (`LayerFeatures`)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 UNKNOWN_BACKBONE = (
@@ -116,3 +121,69 @@ def running_stats_frozen(model: nn.Module):
             saved = saved_stats.split([stat.numel() for stat in stats])
             torch._foreach_copy_([stat.data for stat in stats], saved)
             torch._foreach_copy_([count.data for count in counts], saved_counts.unbind())
+
+
+FINAL_LAYER = "final"  # the model's own pooled features (its forward)
+MAX_LAYER_DIM = 9216  # a pooled feature map has at most this many values (Goyal et al. 2019)
+
+
+def layer_names(backbone: nn.Module) -> list[str]:
+    """The layers `LayerFeatures` takes: "final", then the points of timm's `feature_info` that
+    `forward_intermediates` returns, in forward order: a ResNet's "stem" (after conv1, bn1, act1; before
+    the max-pool) and "layer1".."layer4"; a ViT's "block0".."block<depth - 1>"; any other timm model's
+    `feature_info` module names (e.g. "stages.0"). Models without `forward_intermediates`: "final" only."""
+    points = getattr(backbone, "feature_info", None)
+    if not hasattr(backbone, "forward_intermediates") or not isinstance(points, list):
+        return [FINAL_LAYER]
+    names = [re.sub(r"^blocks\.(\d+)$", r"block\1", info["module"]) for info in points]
+    return [FINAL_LAYER, *("stem" if name == "act1" else name for name in names)]
+
+
+def pooled_grid(channels: int, height: int, width: int) -> tuple[int, int]:
+    """The grid a (channels, height, width) feature map is average-pooled to: side
+    g = max(1, floor(sqrt(MAX_LAYER_DIM / channels))), so channels * g * g <= 9216 (above 9216 channels:
+    1x1), each side capped at the map's own (a map is never upsampled). ResNet-50's stem and stages
+    (64, 256, 512, 1024, 2048 channels) get 12, 6, 4, 3, 2: Goyal et al.'s 9216, 9216, 8192, 9216, 8192."""
+    side = max(1, math.isqrt(MAX_LAYER_DIM // channels))
+    return min(side, height), min(side, width)
+
+
+class LayerFeatures(nn.Module):
+    """`backbone` returning {layer: (B, D) features} for `names` (of `layer_names`), in the order given,
+    from one forward per batch (timm's `forward_intermediates`; it stops after the deepest layer asked
+    for unless "final" is). "final": the backbone's own output. A feature map (B, C, H, W) is
+    adaptive-average-pooled to `pooled_grid(C, H, W)` and flattened (channel-major); a ViT block's output
+    is the mean of its patch tokens (class and other prefix tokens left out; no norm, nothing else).
+    Unknown names raise ValueError. `backbone` is a submodule: eval() and to() reach it."""
+
+    def __init__(self, backbone: nn.Module, names: list[str] | tuple[str, ...] = (FINAL_LAYER,)):
+        super().__init__()
+        known = layer_names(backbone)
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown layer {name!r}; {type(backbone).__name__} has {', '.join(known)}")
+        self.backbone = backbone
+        self.names = list(dict.fromkeys(names))
+        # forward_intermediates numbers the feature_info points from 0; "final" is known[0]
+        self.at_index = {known.index(name) - 1: name for name in self.names if name != FINAL_LAYER}
+        self.indices = sorted(self.at_index)
+        self.tokens = isinstance(backbone, VisionTransformer)  # its forward_intermediates gives tokens
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.indices:
+            return {FINAL_LAYER: self.backbone(images)}
+        final = FINAL_LAYER in self.names
+        options = {"output_fmt": "NLC"} if self.tokens else {}
+        output = self.backbone.forward_intermediates(images, indices=self.indices, stop_early=not final,
+                                                     intermediates_only=not final, **options)
+        last, maps = output if final else (None, output)
+        features = {self.at_index[index]: _pool(x) for index, x in zip(self.indices, maps)}
+        if final:
+            features[FINAL_LAYER] = self.backbone.forward_head(last)
+        return {name: features[name] for name in self.names}
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 3:  # (B, patch tokens, D)
+        return x.mean(dim=1)
+    return F.adaptive_avg_pool2d(x, pooled_grid(*x.shape[1:])).flatten(1)

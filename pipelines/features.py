@@ -8,7 +8,8 @@ repeating its last sample and the PARTIAL last-batch policy cuts those repeats a
 an empty batch). `extract_features` keeps exactly its shard's size of rows (dropping any repeat that got
 through), so a bank gathered from all ranks holds each sample once, whichever epoch a stack is in.
 
-The backbone is any callable from a batch of images to (batch, dim) features: this module does not
+The backbone is any callable from a batch of images to (batch, dim) features, or to a dict of them
+(`extract_feature_sets`, e.g. features of several layers from one forward): this module does not
 depend on the models.
 """
 
@@ -59,6 +60,25 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], stack: In
     """Features of this rank's share of `stack`'s samples (one epoch, each sample once), in `dtype`,
     each row L2-normalised first if `normalize`. A module backbone runs in eval mode (its mode is
     restored). The rows are written into one tensor of the share's size: no concatenated copy."""
+    outputs, labels, keys = _extract(backbone, stack, dtype, normalize, keep_keys)
+    features = outputs[None] if outputs else torch.empty(0, 0, dtype=dtype, device=stack.device)
+    return Features(features, labels, keys)
+
+
+@torch.no_grad()
+def extract_feature_sets(backbone: Callable[[torch.Tensor], dict[str, torch.Tensor]], stack: InputStack, *,
+                         dtype: torch.dtype = torch.float32, normalize: bool = False,
+                         keep_keys: bool = False) -> dict[str, Features]:
+    """As `extract_features`, for a backbone returning several (batch, dim) features per batch, a dict
+    (e.g. one per layer): one pass over the stack, one `Features` per key (they share the labels);
+    empty if this rank's share is."""
+    outputs, labels, keys = _extract(backbone, stack, dtype, normalize, keep_keys, several=True)
+    return {name: Features(features, labels, keys) for name, features in outputs.items()}
+
+
+def _extract(backbone, stack: InputStack, dtype: torch.dtype, normalize: bool, keep_keys: bool,
+             several: bool = False) -> tuple[dict, torch.Tensor, list[str] | None]:
+    """({name: (share, dim)} features, labels, keys or None); a single-output backbone's under None."""
     if stack.step_in_epoch not in (0, stack.steps_per_epoch):
         raise ValueError(f"extract_features: the stack is {stack.step_in_epoch} batches into an epoch; "
                          "it must be at an epoch boundary")
@@ -66,7 +86,7 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], stack: In
     was_training = module is not None and module.training
     if module is not None:
         module.eval()
-    features, labels, keys, expected, filled = None, None, [], 0, 0
+    features, labels, keys, expected, filled = {}, None, [], 0, 0
     try:
         for _ in range(stack.steps_per_epoch):
             batch = next(stack)
@@ -77,12 +97,14 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], stack: In
             take = min(batch.batch_size, expected - filled)  # a repeat past the share's end is dropped
             if take <= 0:
                 continue
-            output = backbone(batch.views[0][:take]).float()
-            if normalize:
-                output = F.normalize(output, dim=1)
-            if features is None:
-                features = torch.empty(expected, output.shape[1], dtype=dtype, device=output.device)
-            features[filled : filled + take] = output
+            outputs = backbone(batch.views[0][:take])
+            for name, output in (outputs.items() if several else [(None, outputs)]):
+                output = output.float()
+                if normalize:
+                    output = F.normalize(output, dim=1)
+                if name not in features:
+                    features[name] = torch.empty(expected, output.shape[1], dtype=dtype, device=output.device)
+                features[name][filled : filled + take] = output
             labels[filled : filled + take] = batch.labels[:take]
             if keep_keys:
                 keys.extend(batch.keys[:take])
@@ -93,9 +115,7 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], stack: In
     if filled != expected:
         raise RuntimeError(f"extract_features: read {filled} samples of {stack.shards.root}, expected this "
                            f"rank's share of {expected}")
-    if features is None:
-        features = torch.empty(0, 0, dtype=dtype, device=stack.device)
-    return Features(features, labels, keys if keep_keys else None)
+    return features, labels, keys if keep_keys else None
 
 
 def _gather_into(output: torch.Tensor, tensor: torch.Tensor) -> None:

@@ -158,3 +158,114 @@ def test_export_from_a_checkpoint_round_trips_through_timm(short_run, tmp_path):
     # the checkpoint's last step is the run's end: the same weights as train.py's own export
     final = load_file(short_run / "backbone.safetensors")
     assert all(torch.equal(exported[name], final[name]) for name in final)
+
+
+# ------------------------------------------------------------------------------ --layer: intermediate layers
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory) -> Path:
+    """An untrained resnet10t exported as train.py exports one (32-px crops, SwAV's normalisation)."""
+    from models.backbones import create_backbone
+    from models.checkpointing import export_backbone
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("layers") / "run"
+    export_backbone(folder, create_backbone("resnet10t")[0], timm_name="resnet10t", method="swav", input_size=32)
+    return folder
+
+
+def test_layer_features_pool_each_stage_to_at_most_9216_values():
+    from models.backbones import LayerFeatures, create_backbone, layer_names, pooled_grid
+
+    # Goyal et al.'s grids for ResNet-50's stem and stages; at least 1x1; never larger than the map
+    assert [pooled_grid(c, 56, 56) for c in (64, 256, 512, 1024, 2048)] == [(12, 12), (6, 6), (4, 4), (3, 3), (2, 2)]
+    assert pooled_grid(16384, 7, 7) == (1, 1) and pooled_grid(64, 8, 5) == (8, 5)
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("resnet10t")
+    backbone.eval()
+    assert layer_names(backbone) == ["final", "stem", "layer1", "layer2", "layer3", "layer4"]
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        features = LayerFeatures(backbone, layer_names(backbone))(images)
+        # channels x grid x grid: stem 64 x 12 x 12 (of 64x64), layer1 64 x 12 x 12, layer2 128 x 8 x 8,
+        # layer3 256 x 6 x 6, layer4 512 x 4 x 4 (of 4x4)
+        dims = {name: tuple(x.shape) for name, x in features.items()}
+        assert dims == {"final": (2, 512), "stem": (2, 9216), "layer1": (2, 9216), "layer2": (2, 8192),
+                        "layer3": (2, 9216), "layer4": (2, 8192)}
+        assert torch.equal(features["final"], backbone(images))  # the same numbers as the plain forward
+        # at 32 px layer1's 8x8 map stays 8x8 and layer4's 1x1 is the final features before pooling
+        small = LayerFeatures(backbone, ["layer4", "layer1"])(images[:, :, :32, :32])
+        assert list(small) == ["layer4", "layer1"] and small["layer1"].shape == (2, 64 * 8 * 8)
+        assert torch.allclose(small["layer4"], backbone(images[:, :, :32, :32]))
+
+
+def test_vit_block_features_are_the_mean_patch_token_after_the_block():
+    from models.backbones import LayerFeatures, create_backbone, layer_names
+
+    torch.manual_seed(0)
+    vit, _ = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    vit.eval()
+    assert layer_names(vit) == ["final", "block0", "block1", "block2"]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = LayerFeatures(vit, ["block1", "final"])(images)
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+        tokens = vit.blocks[1](vit.blocks[0](tokens))
+        assert torch.allclose(features["block1"], tokens[:, vit.num_prefix_tokens:].mean(dim=1), atol=1e-6)
+        assert torch.equal(features["final"], vit(images))
+
+
+def test_an_unknown_layer_is_a_one_line_error_naming_the_known_ones(random_export, capsys):
+    from tools.linear_probe import main as probe_main
+
+    for tool, prog in ((main, "eval_knn"), (probe_main, "linear_probe")):
+        code = tool([str(random_export), "--train", str(ROOT / DATA), "--val", str(ROOT / DATA),
+                     "--layer", "layer2", "layer9"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"{prog}: error: --layer: unknown layer 'layer9'"), lines[0]
+        assert "final, stem, layer1, layer2, layer3, layer4" in lines[0]
+
+
+def test_knn_scores_each_layer_and_keeps_its_default_output(random_export, tmp_path, capsys):
+    data = str(ROOT / DATA)
+    default, layered = tmp_path / "default.json", tmp_path / "layers.json"
+    assert main([str(random_export), "--train", data, "--val", data, "--k", "20", "--json", str(default)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith("k=  20 T=0.07: top-1 ")
+    assert main([str(random_export), "--train", data, "--val", data, "--k", "20", "--layer", "layer3", "final",
+                 "--json", str(layered)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1].startswith("layer3  1024-d  k=  20") and out[2].startswith("final    512-d")
+    before, after = json.loads(default.read_text()), json.loads(layered.read_text())
+    assert set(before) == {"backbone", "timm_name", "input_size", "train", "val", "temperature", "k"}
+    assert list(after["layers"]) == ["layer3", "final"] and "k" not in after
+    assert after["layers"]["layer3"]["dim"] == 1024 and after["layers"]["final"]["dim"] == 512
+    assert after["layers"]["final"]["k"] == before["k"]  # one pass for both layers: the same final features
+    assert 10 < after["layers"]["layer3"]["k"]["20"]["top1"] <= 100
+
+
+def test_linear_probe_scores_each_layer_with_a_cache_per_layer(random_export, tmp_path, capsys):
+    from tools.linear_probe import main as probe_main
+
+    data = str(ROOT / DATA)
+    default, layered = tmp_path / "default.json", tmp_path / "layers.json"
+    common = [str(random_export), "--train", data, "--val", data, "--weight-decays", "1e-3"]
+    assert probe_main([*common, "--layer", "layer3", "final", "--json", str(layered)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1].startswith("layer3  1024-d: val top-1") and out[2].startswith("final    512-d")
+    caches = {torch.load(path, weights_only=True)["features"].shape: path
+              for path in (random_export / "linear_probe_cache").glob("*.pt")}
+    assert set(caches) == {(2000, 1024), (2000, 512)}  # train and val are one set here
+    stamps = {path: path.stat().st_mtime_ns for path in caches.values()}
+    assert probe_main([*common, "--json", str(default)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("resnet10t at 32 px, 512-d features: weight decay 0.001")
+    assert out[1].startswith("val top-1 ")
+    before, after = json.loads(default.read_text()), json.loads(layered.read_text())
+    assert set(before) == {"weight_decay", "held_out_top1", "top1", "top5", "backbone", "input_size", "train", "val"}
+    assert list(after["layers"]) == ["layer3", "final"] and after["layers"]["layer3"]["dim"] == 1024
+    assert after["layers"]["final"]["top1"] == before["top1"]
+    # the default read the final features' cache the layered run wrote: no new file, nothing rewritten
+    assert {path: path.stat().st_mtime_ns for path in (random_export / "linear_probe_cache").glob("*.pt")} == stamps

@@ -3,11 +3,15 @@
     python tools/eval_knn.py runs/swav-x                                  # a run (its backbone.json)
     python tools/eval_knn.py runs/swav-x/checkpoints/step-00000312        # a checkpoint
     python tools/eval_knn.py runs/swav-x --train shards/fm-train --val shards/fm-test --k 20 200
+    python tools/eval_knn.py runs/rotnet-x --layer layer2 layer3 final   # intermediate layers too
 
 Features come from the input stack with an evaluation recipe: each image once, un-augmented; crops
 of 64 px or less see the whole image, larger ones resize 256 / centre-crop 224 (in proportion), at the
 size the backbone was trained at (`--size` overrides). The train shards are the memory bank; top-1 and
-top-5 are reported on the val shards.
+top-5 are reported on the val shards. `--layer` scores features of intermediate layers instead of
+(or beside: "final") the pooled output, all from one pass over each split: a ResNet's stem and stages
+(`stem layer1 .. layer4`) average-pooled to a grid of at most 9216 values, a ViT's blocks (`block0` ..)
+as the mean of their patch tokens (models/backbones.py, `LayerFeatures`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import yaml  # noqa: E402
 
 from models.knn import knn_accuracies, l2_normalize_  # noqa: E402
 from models.options import ConfigError, parse_options  # noqa: E402
-from pipelines.features import evaluation_stack, extract_features  # noqa: E402
+from pipelines.features import evaluation_stack, extract_feature_sets, extract_features  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
 
 PROG = "eval_knn"
@@ -79,34 +83,71 @@ def _first_crop_size(multicrop: str) -> int:
     return int(multicrop.split("+")[0].split("@")[0].split("x")[1])
 
 
-@torch.no_grad()
-def extract(backbone, info: dict, shards, size: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample of `shards`, through the evaluation recipe at `size` px with
-    the normalisation of the method the backbone was trained with."""
+def _stack(info: dict, shards, size: int, batch_size: int, device):
     from models.methods import method_class
     from pipelines.spec import preset
 
     recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
-    stack = evaluation_stack(recipe, shards, batch_size, device=torch.device(device))
-    extracted = extract_features(backbone, stack)
+    return evaluation_stack(recipe, shards, batch_size, device=torch.device(device))
+
+
+@torch.no_grad()
+def extract(backbone, info: dict, shards, size: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample of `shards`, through the evaluation recipe at `size` px with
+    the normalisation of the method the backbone was trained with."""
+    extracted = extract_features(backbone, _stack(info, shards, size, batch_size, device))
     return extracted.features, extracted.labels
 
 
+@torch.no_grad()
+def extract_layers(backbone, info: dict, shards, size: int, batch_size: int, device,
+                   layers: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """As `extract`, for each of `layers` (`layer_names`): {layer: features}, labels, from one forward
+    per batch."""
+    stack = _stack(info, shards, size, batch_size, device)
+    extracted = extract_feature_sets(layer_features(backbone, layers), stack)
+    return {layer: extracted[layer].features for layer in layers}, extracted[layers[0]].labels
+
+
+def layer_features(backbone, layers: list[str]):
+    """`LayerFeatures` of `backbone`; an unknown layer is an EvalError naming --layer."""
+    from models.backbones import LayerFeatures
+
+    try:
+        return LayerFeatures(backbone, layers)
+    except ValueError as error:
+        raise EvalError(f"--layer: {error}") from None
+
+
 def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07, size=None, batch_size=256,
-             device="cpu") -> dict:
+             device="cpu", layers: list[str] | None = None) -> dict:
+    """kNN accuracies: under "k" for the final features, or with `layers`, under "layers": {layer:
+    {"dim", "k"}} for each."""
     backbone, info = load_backbone(backbone_path)
+    if layers:
+        layer_features(backbone, layers)  # unknown names fail before any data is read
     train_shards = open_shard_set(train_data, need_labels=True)
     val_shards = open_shard_set(val_data, need_labels=True)
     if train_shards.classes != val_shards.classes:
         raise EvalError(f"--train {train_data} and --val {val_data} have different classes")
     size = size or info.get("input_size") or 224
     backbone = backbone.to(device)
-    bank, bank_labels = extract(backbone, info, train_shards, size, batch_size, device)
-    l2_normalize_(bank)
-    queries, query_labels = extract(backbone, info, val_shards, size, batch_size, device)
     results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
                "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature}
-    results["k"] = knn_accuracies(bank, bank_labels, queries, query_labels, len(train_shards.classes), ks, temperature)
+    classes = len(train_shards.classes)
+    if not layers:
+        bank, bank_labels = extract(backbone, info, train_shards, size, batch_size, device)
+        l2_normalize_(bank)
+        queries, query_labels = extract(backbone, info, val_shards, size, batch_size, device)
+        results["k"] = knn_accuracies(bank, bank_labels, queries, query_labels, classes, ks, temperature)
+        return results
+    banks, bank_labels = extract_layers(backbone, info, train_shards, size, batch_size, device, layers)
+    queries, query_labels = extract_layers(backbone, info, val_shards, size, batch_size, device, layers)
+    results["layers"] = {}
+    for layer, bank in banks.items():
+        l2_normalize_(bank)
+        accuracies = knn_accuracies(bank, bank_labels, queries[layer], query_labels, classes, ks, temperature)
+        results["layers"][layer] = {"dim": bank.shape[1], "k": accuracies}
     return results
 
 
@@ -119,6 +160,10 @@ def add_feature_arguments(parser: argparse.ArgumentParser, train_help: str, val_
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--layer", nargs="+", default=None, metavar="NAME",
+                        help="evaluate these layers, one pass for all: final (the pooled output, the "
+                             "default), a ResNet's stem layer1 .. layer4 (average-pooled to at most 9216 "
+                             "values), a ViT's block0 .. (mean patch token)")
 
 
 def main(argv=None) -> int:
@@ -129,13 +174,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         results = evaluate(args.backbone, args.train, args.val, args.k, args.temperature, args.size,
-                           args.batch_size, args.device)
+                           args.batch_size, args.device, args.layer)
     except (EvalError, ShardError, ConfigError, yaml.YAMLError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(f"{results['timm_name']} at {results['input_size']} px: bank {results['train']}, queries {results['val']}")
-    for k, row in results["k"].items():
-        print(f"k={k:>4} T={args.temperature}: top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
+    if "k" in results:
+        for k, row in results["k"].items():
+            print(f"k={k:>4} T={args.temperature}: top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
+    else:
+        width = max(len(layer) for layer in results["layers"])
+        for layer, result in results["layers"].items():
+            for k, row in result["k"].items():
+                print(f"{layer:<{width}} {result['dim']:>5}-d  k={k:>4} T={args.temperature}: "
+                      f"top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -2,12 +2,15 @@
 
     python tools/linear_probe.py runs/swav-x                       # demo shards: train 10k, val 2k
     python tools/linear_probe.py runs/swav-x --train shards/fm-train --val shards/fm-test
+    python tools/linear_probe.py runs/rotnet-x --layer layer2 layer3 final   # a probe per layer
 
 Protocol: features are extracted once through the input stack's evaluation recipe (as tools/eval_knn.py
 does) and cached next to the backbone (`linear_probe_cache/`), then standardised with the train split's
 mean and std. A multinomial logistic regression is fitted by full-batch L-BFGS; its L2 penalty is chosen
 from `--weight-decays` on a held-out 10% of the train split (stratified by nothing but a seeded shuffle),
-refitted on the whole train split, and scored once on the val split (top-1 and top-5).
+refitted on the whole train split, and scored once on the val split (top-1 and top-5). `--layer` probes
+each named layer on its own (features as tools/eval_knn.py takes them: one pass per split for all
+layers, each layer cached on its own).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models.backbones import FINAL_LAYER  # noqa: E402
 from models.knn import top_k_accuracies  # noqa: E402
 from pipelines.files import atomic_write  # noqa: E402
 from pipelines.shards import ShardError, open_shard_set  # noqa: E402
-from tools.eval_knn import EvalError, add_feature_arguments, extract, load_backbone  # noqa: E402
+from tools.eval_knn import EvalError, add_feature_arguments, extract_layers, layer_features, load_backbone  # noqa: E402
 
 PROG = "linear_probe"
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -77,21 +81,33 @@ def probe(train_x, train_y, val_x, val_y, num_classes: int, weight_decays=WEIGHT
     return {"weight_decay": best, "held_out_top1": sweep, "top1": top1, "top5": top5}
 
 
-def cached_features(backbone_path, info, backbone, shards, size, batch_size, device):
-    """Features of `shards` at `size` as CPU tensors, cached under the backbone's folder, keyed by the
-    weights and data; the cache loads onto the CPU, so one written on a GPU machine reads anywhere."""
+def cached_features(backbone_path, info, backbone, shards, size, batch_size, device, layers=(FINAL_LAYER,)):
+    """({layer: features}, labels) of `shards` at `size` as CPU tensors, cached under the backbone's
+    folder, one file per layer keyed by the weights, data, size and layer (the final features' key is
+    the one they always had); the layers not cached yet are extracted together, in one pass over
+    `shards`. The cache loads onto the CPU, so one written on a GPU machine reads anywhere."""
     weights = Path(backbone_path) / (info.get("file") or "model.safetensors")
-    key = hashlib.sha1(f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
-                       .encode()).hexdigest()[:16]
-    cache = Path(backbone_path) / "linear_probe_cache" / f"{key}.pt"
-    if cache.is_file():
-        stored = torch.load(cache, map_location="cpu", weights_only=True)
-        return stored["features"], stored["labels"]
-    features, labels = extract(backbone, info, shards, size, batch_size, device)
-    features, labels = features.cpu(), labels.cpu()
-    cache.parent.mkdir(exist_ok=True)
-    atomic_write(cache, lambda temporary: torch.save({"features": features, "labels": labels}, temporary))
-    return features, labels
+    source = f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
+    caches = {}
+    for layer in layers:
+        text = source if layer == FINAL_LAYER else f"{source}:layer={layer}"
+        key = hashlib.sha1(text.encode()).hexdigest()[:16]
+        caches[layer] = Path(backbone_path) / "linear_probe_cache" / f"{key}.pt"
+    features, labels = {}, None
+    for layer, cache in caches.items():
+        if cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            features[layer], labels = stored["features"], stored["labels"]
+    missing = [layer for layer in caches if layer not in features]
+    if missing:
+        extracted, labels = extract_layers(backbone, info, shards, size, batch_size, device, missing)
+        labels = labels.cpu()
+        for layer in missing:
+            features[layer] = extracted[layer].cpu()
+            stored = {"features": features[layer], "labels": labels}
+            caches[layer].parent.mkdir(exist_ok=True)
+            atomic_write(caches[layer], lambda temporary, stored=stored: torch.save(stored, temporary))
+    return {layer: features[layer] for layer in caches}, labels
 
 
 def main(argv=None) -> int:
@@ -105,6 +121,7 @@ def main(argv=None) -> int:
         val_shards = open_shard_set(args.val, need_labels=True)
         if train_shards.classes != val_shards.classes:
             raise EvalError(f"--train {args.train} and --val {args.val} have different classes")
+        layers = list(layer_features(backbone, args.layer or [FINAL_LAYER]).names)
     except (EvalError, ShardError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -112,15 +129,28 @@ def main(argv=None) -> int:
     size = args.size or info.get("input_size") or 224
     device = torch.device(args.device)
     backbone = backbone.to(device)
-    train_x, train_y = cached_features(folder, info, backbone, train_shards, size, args.batch_size, device)
-    val_x, val_y = cached_features(folder, info, backbone, val_shards, size, args.batch_size, device)
-    results = probe(train_x, train_y, val_x, val_y, len(train_shards.classes), args.weight_decays)
-    print(f"{info['timm_name']} at {size} px, {train_x.shape[1]}-d features: weight decay {results['weight_decay']:g} "
-          f"(held-out top-1 by weight decay: " + ", ".join(f"{wd:g}: {acc:.1f}" for wd, acc in results["held_out_top1"].items())
-          + ")")
-    print(f"val top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ({val_shards.root})")
+    train_x, train_y = cached_features(folder, info, backbone, train_shards, size, args.batch_size, device, layers)
+    val_x, val_y = cached_features(folder, info, backbone, val_shards, size, args.batch_size, device, layers)
+    probes = {}
+    for layer in layers:
+        classes = len(train_shards.classes)
+        results = probe(train_x[layer], train_y, val_x[layer], val_y, classes, args.weight_decays)
+        sweep = ", ".join(f"{wd:g}: {acc:.1f}" for wd, acc in results["held_out_top1"].items())
+        if args.layer is None:  # the output the probe has always had
+            print(f"{info['timm_name']} at {size} px, {train_x[layer].shape[1]}-d features: weight decay "
+                  f"{results['weight_decay']:g} (held-out top-1 by weight decay: {sweep})")
+            print(f"val top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ({val_shards.root})")
+        else:
+            if not probes:
+                print(f"{info['timm_name']} at {size} px, val {val_shards.root}")
+            print(f"{layer:<{max(map(len, layers))}} {train_x[layer].shape[1]:>5}-d: val top-1 "
+                  f"{results['top1']:.2f}%  top-5 {results['top5']:.2f}%  weight decay "
+                  f"{results['weight_decay']:g} (held-out top-1: {sweep})")
+        probes[layer] = results
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "backbone": str(args.backbone), "input_size": size,
+        summary = probes[FINAL_LAYER] if args.layer is None else {
+            "layers": {layer: {"dim": train_x[layer].shape[1], **results} for layer, results in probes.items()}}
+        Path(args.json).write_text(json.dumps({**summary, "backbone": str(args.backbone), "input_size": size,
                                                "train": str(train_shards.root), "val": str(val_shards.root)},
                                               indent=2))
     return 0
