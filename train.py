@@ -112,7 +112,8 @@ def set_up(config: Config) -> Training:
                           f"{config.backbone_options}: {error}") from None
     recipe = method.adapt_recipe(recipe)
     train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
-                             seed=config.seed, device=accelerator.device, num_threads=config.data_threads)
+                             seed=config.seed, device=accelerator.device, num_threads=config.data_threads,
+                             need_labels=method.needs_labels)
     val_shards = knn_monitor_data(config, accelerator)
     monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 

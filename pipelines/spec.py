@@ -9,6 +9,7 @@ the second view only) live in `ViewGroup.photometric`, one entry per view.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -147,6 +148,106 @@ class Masking:
         return round(self.ratio * self.grid(size) ** 2)
 
 
+PRETEXT_TASKS = ("rotation", "jigsaw", "relloc")
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """RotNet's input: the crop rotated by 0, 90, 180 and 270 degrees, labels 0-3. `all_four`: every
+    image in all four rotations (Gidaris et al.); False: one random rotation per image (VISSL's form)."""
+
+    all_four: bool = True
+    task: str = field(default="rotation", init=False)
+
+    def for_crop(self, size: int) -> Rotation:
+        return self
+
+    def describe(self) -> str:
+        return f"rotation: {'all four' if self.all_four else 'one random'} of 0/90/180/270 per image"
+
+
+@dataclass(frozen=True)
+class GridPatches:
+    """A `grid` x `grid` grid of square cells of `cell` px laid over the crop's centre, one `patch`-px
+    patch at a uniformly random offset inside each cell (the jitter is cell - patch). None: from the crop
+    size, cell = size // grid and patch = round(cell * 64 / 85) (the papers' 255-px crop: 85-px cells,
+    64-px patches, jitter 21)."""
+
+    grid: int = 3
+    cell: int | None = None
+    patch: int | None = None
+
+    def for_crop(self, size: int):
+        """The geometry on a `size`-px crop, every size filled in; RecipeError if it does not fit."""
+        if self.grid < 2:
+            raise RecipeError(f"{self.task} grid={self.grid}: needs at least a 2x2 grid")
+        cell = self.cell if self.cell is not None else size // self.grid
+        patch = self.patch if self.patch is not None else round(cell * 64 / 85)
+        if patch < 1 or patch > cell:
+            raise RecipeError(f"{self.task} patch={patch} px must be between 1 and the {cell}-px cell: change "
+                              f"the patch or cell --method-options")
+        if cell * self.grid > size:
+            raise RecipeError(f"{self.task} grid {self.grid} x {cell}-px cells is {cell * self.grid} px, larger "
+                              f"than the {size}-px crop: use a larger --multicrop size or smaller cells")
+        return dataclasses.replace(self, cell=cell, patch=patch)
+
+    def _describe_grid(self) -> str:
+        return f"{self.grid}x{self.grid} cells of {self.cell} px, {self.patch}-px patches (jitter {self.cell - self.patch})"
+
+
+@dataclass(frozen=True)
+class Jigsaw(GridPatches):
+    """Noroozi & Favaro's puzzle: the grid's patches (tiles) shuffled by one of `permutations`
+    permutations (the greedy maximal-Hamming set drawn from `permutation_seed`), the label its index, or
+    (`permutations=0`, DeepPermNet) by a uniformly random order of all the tiles; each tile standardised on
+    its own (per-tile, per-channel mean and std) when `normalise_tiles`."""
+
+    permutations: int = 1000
+    permutation_seed: int = 0
+    normalise_tiles: bool = True
+    task: str = field(default="jigsaw", init=False)
+
+    def for_crop(self, size: int) -> Jigsaw:
+        resolved = super().for_crop(size)
+        possible = math.factorial(self.grid ** 2)
+        if not 0 <= self.permutations <= possible:
+            raise RecipeError(f"jigsaw permutations={self.permutations}: a {self.grid}x{self.grid} grid has "
+                              f"{possible} orders; choose 1 to {possible}, or 0 for all of them")
+        return resolved
+
+    def describe(self) -> str:
+        shuffles = (f"{self.permutations} permutations (seed {self.permutation_seed})" if self.permutations
+                    else "every order")
+        return f"jigsaw: {self._describe_grid()}, {shuffles}{', tiles standardised' if self.normalise_tiles else ''}"
+
+
+@dataclass(frozen=True)
+class RelativeLocation(GridPatches):
+    """Doersch et al.'s context prediction: the grid's centre patch and one of its 8 neighbours (label
+    0-7, row-major around the centre), or all 8 pairs per image (`all_pairs`). Against shortcuts:
+    `color_dropping` keeps one random channel per patch and fills the others with Gaussian noise (std 1/100
+    of the kept channel's); `projection` removes the green-magenta component of every pixel (Doersch's
+    fix for chromatic aberration)."""
+
+    all_pairs: bool = False
+    color_dropping: bool = False
+    projection: bool = False
+    task: str = field(default="relloc", init=False)
+
+    def for_crop(self, size: int) -> RelativeLocation:
+        if self.grid != 3:
+            raise RecipeError(f"relloc grid={self.grid}: context prediction uses a 3x3 grid (a centre and 8 "
+                              f"neighbours)")
+        return super().for_crop(size)
+
+    def describe(self) -> str:
+        extras = [name for name in ("all_pairs", "color_dropping", "projection") if getattr(self, name)]
+        return f"relloc: {self._describe_grid()}" + (f", {', '.join(extras)}" if extras else "")
+
+
+PRETEXT_SPECS = {"rotation": Rotation, "jigsaw": Jigsaw, "relloc": RelativeLocation}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything the input stack needs to turn a decoded image into views.
@@ -166,6 +267,8 @@ class Recipe:
     masking: Masking | None = None
     global_only_scale: tuple[float, float] | None = None
     small_global_scale: tuple[float, float] | None = None
+    # pretext-task inputs made from group 0's views after the photometric pass (`pipelines.pretext`)
+    pretext: tuple[Rotation | Jigsaw | RelativeLocation, ...] = ()
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +283,10 @@ class Recipe:
                     f"it has {self.groups[0].count}"
                 )
             self.masking.grid(self.groups[0].size)
+        for task in self.pretext:
+            task.for_crop(self.groups[0].size)
+        if len({task.task for task in self.pretext}) != len(self.pretext):
+            raise RecipeError(f"recipe {self.name}: each pretext task may appear once")
 
     @property
     def num_views(self) -> int:
@@ -210,7 +317,13 @@ class Recipe:
             if len(photometric) > 1:
                 photometric = tuple(photometric[i % len(photometric)] for i in range(count))
             groups.append(dataclasses.replace(template, count=count, size=size, scale=scale, photometric=photometric))
-        return dataclasses.replace(self, groups=tuple(groups))
+        return dataclasses.replace(self, groups=tuple(groups)).with_pretext(self.pretext)
+
+    def with_pretext(self, tasks) -> Recipe:
+        """This recipe making the pretext inputs of `tasks`, their geometry resolved for the first group's
+        crop size (`GridPatches.for_crop`)."""
+        size = self.groups[0].size
+        return dataclasses.replace(self, pretext=tuple(task.for_crop(size) for task in tasks))
 
     def _default_scale(self, index, parsed, template: ViewGroup) -> tuple[float, float]:
         if index == 0 and len(self.groups) > 1:
@@ -236,6 +349,7 @@ class Recipe:
         if self.masking:
             m = self.masking
             lines.append(f"  masking: {m.kind} ratio={m.ratio} patch={m.patch_size} on {m.views} view(s)")
+        lines += [f"  pretext {task.describe()}" for task in self.pretext]
         return "\n".join(lines)
 
 
@@ -354,6 +468,13 @@ PRESETS: dict[str, Recipe] = {
         masking=Masking("block", 118 / 196, patch_size=16),
         notes="flip before crop: boxes are reported in original-image coordinates with the flip flag",
     ),
+    # transformation prediction: one crop per image, the pretext inputs made from it (pipelines/pretext.py);
+    # a random crop of half the image or more stands in for the papers' resize-then-crop
+    "rotnet": Recipe("rotnet", (ViewGroup(1, 224, (0.5, 1.0), (NO_PHOTOMETRIC,)),), pretext=(Rotation(),)),
+    "jigsaw": Recipe("jigsaw", (ViewGroup(1, 255, (0.5, 1.0), (Photometric(grayscale_p=0.66),)),),
+                     pretext=(Jigsaw(),), notes="grey with p 0.66 against the chromatic-aberration shortcut"),
+    "relloc": Recipe("relloc", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),), pretext=(RelativeLocation(),)),
+    "multitask": Recipe("multitask", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),)),
 }
 
 
@@ -366,7 +487,7 @@ def eval_recipe(recipe: Recipe, size: int | None = None, crop_fraction: float = 
         1, size or first.size, (1.0, 1.0), (NO_PHOTOMETRIC,), ratio=(1.0, 1.0),
         interpolation=first.interpolation, flip_p=0.0, center_crop=crop_fraction,
     )
-    return dataclasses.replace(recipe, name=f"{recipe.name}-eval", groups=(group,), masking=None)
+    return dataclasses.replace(recipe, name=f"{recipe.name}-eval", groups=(group,), masking=None, pretext=())
 
 
 def preset(method: str) -> Recipe:

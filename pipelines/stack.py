@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from pipelines.dali_stage import DaliConfig, build_iterator
 from pipelines.masking import make_masks
 from pipelines.photometric import PhotometricStage
+from pipelines.pretext import PretextInputs, PretextStage
 from pipelines.shards import ShardError, ShardSet, open_shard_set
 from pipelines.spec import Recipe
 
@@ -28,7 +29,8 @@ class Batch:
     `boxes` are crop boxes in original-image pixels (y0, x0, h, w) and `flips` whether the view was
     mirrored horizontally after cropping; `image_sizes` holds each original (H, W). `masks` (or None)
     covers the first `recipe.masking.views` views of group 0: (views * B, patches), True = hidden.
-    `labels` is -1 for unlabeled samples.
+    `labels` is -1 for unlabeled samples. `pretext` maps each of the recipe's pretext tasks to its inputs
+    (`pipelines.pretext.PretextInputs`), made from group 0's views.
     """
 
     views: list[torch.Tensor]
@@ -38,6 +40,7 @@ class Batch:
     labels: torch.Tensor
     masks: torch.Tensor | None
     raw_keys: torch.Tensor
+    pretext: dict[str, PretextInputs] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -133,6 +136,7 @@ class InputStack:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed * 1_000_003 + rank * 104_729 + 99_991) % (2**63))
         self.photometric = PhotometricStage(recipe, self.device, self.generator)
+        self.pretext = PretextStage(recipe.pretext, self.device)
         self.epoch = 0
         self.step_in_epoch = 0
         self.wait_seconds = 0.0
@@ -169,6 +173,7 @@ class InputStack:
         if self.recipe.masking is not None:
             size = self.recipe.groups[0].size
             masks = make_masks(self.recipe.masking, self.batch_size, size, self.generator, device)
+        pretext = self.pretext(views[0], self.generator) if self.recipe.pretext else {}
         return Batch(
             views=views,
             boxes=boxes,
@@ -177,6 +182,7 @@ class InputStack:
             labels=outputs["label"].view(-1).long(),
             masks=masks,
             raw_keys=outputs["key"].cpu().clone(),
+            pretext=pretext,
         )
 
     def state_dict(self) -> dict:

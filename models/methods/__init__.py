@@ -6,10 +6,14 @@ from models.methods.barlowtwins import BarlowTwins
 from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
 from models.methods.dino import DINO
+from models.methods.jigsaw import JigsawMethod
 from models.methods.mae import MAE
 from models.methods.mocov1 import MoCoV1
 from models.methods.mocov2 import MoCoV2
 from models.methods.mocov3 import MoCoV3
+from models.methods.multitask import MultiTask
+from models.methods.relloc import RelativeLocationMethod
+from models.methods.rotnet import RotNet
 from models.methods.simclr import SimCLR
 from models.methods.sim import SIM
 from models.methods.simsiam import SimSiam
@@ -17,7 +21,8 @@ from models.methods.swav import SwAV
 from models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM)
+    cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM,
+                              RotNet, JigsawMethod, RelativeLocationMethod, MultiTask)
 }
 
 

@@ -60,6 +60,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     HEAD_PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": {}}
     # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
     accepts_local_crops: ClassVar[bool] = False
+    needs_labels: bool = False  # trains on the shards' class labels too (they must have them)
     adamw_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     # several GPUs: batch norms synchronised across them (SyncBatchNorm), as the method's recipe does
     sync_batch_norm: ClassVar[bool] = True

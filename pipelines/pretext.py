@@ -1,0 +1,221 @@
+"""Pretext-task inputs made on the training device from a batch of views (after the photometric pass):
+rotated copies (RotNet), shuffled grid tiles (Jigsaw / DeepPermNet) and centre-neighbour patch pairs
+(context prediction). Batched tensor ops only: no host round trip, no per-image Python loop; every
+random choice comes from the input stack's seeded generator, so an exact resume draws the same ones.
+
+Shapes: `images` are the (B, C, S, S) views of group 0. Grid patches are indexed row-major: cell
+(r, c) of a g x g grid is patch r * g + c.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
+
+# The 8 neighbours of the centre cell of a 3x3 grid, row-major: label k is the patch at NEIGHBOURS[k]
+# (0 top-left, 1 top, 2 top-right, 3 left, 4 right, 5 bottom-left, 6 bottom, 7 bottom-right)
+NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
+CENTRE = 4
+EXHAUSTIVE_LIMIT = 9  # tiles: up to 9! candidate orders are enumerated; beyond, a seeded random pool
+CANDIDATE_POOL = 100_000
+
+
+@dataclass
+class PretextInputs:
+    """One task's input: `images` go through the backbone in one forward; `labels` are its targets.
+
+    rotation: images (4B or B, C, S, S), rotation-major for all four (rotation r of sample i is row
+    r * B + i), labels the quarter turns (counter-clockwise). jigsaw: images (B * T, C, p, p) sample-major
+    (position j of sample i is row i * T + j), labels (B,) the permutation's index in the set, `order`
+    (B, T) the tile each position shows. relloc: images (2P, C, p, p), the P centre patches then their P
+    neighbours, labels (P,) the neighbour's position 0-7 (`NEIGHBOURS`); P = B, or 8B sample-major with
+    `all_pairs`.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    order: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------ rotation
+
+
+def rotate(images: torch.Tensor, spec: Rotation, generator: torch.Generator) -> PretextInputs:
+    """The batch in four rotations (`spec.all_four`) or each image in one random rotation."""
+    b = images.shape[0]
+    if spec.all_four:
+        rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+        labels = torch.arange(4, device=images.device).repeat_interleave(b)
+        return PretextInputs(rotated, labels)
+    labels = torch.randint(0, 4, (b,), generator=generator, device=images.device)
+    every = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4, B, C, S, S)
+    return PretextInputs(every[labels, torch.arange(b, device=images.device)], labels)
+
+
+# ------------------------------------------------------------------------------------------- grid patches
+
+
+def patch_offsets(spec: GridPatches, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Each patch's random offset inside its cell: (B, grid * grid, 2) as (y, x), in [0, cell - patch]."""
+    return torch.randint(0, spec.cell - spec.patch + 1, (batch, spec.grid ** 2, 2), generator=generator,
+                         device=device)
+
+
+def grid_patches(images: torch.Tensor, spec: GridPatches, offsets: torch.Tensor) -> torch.Tensor:
+    """The grid's patches, (B, grid * grid, C, patch, patch): the grid (grid * cell px square) centred
+    on the crop, the patch of cell (r, c) starting at (r * cell, c * cell) + `offsets` within it. One
+    gather for the whole batch."""
+    b, _, height, width = images.shape
+    g, cell, patch = spec.grid, spec.cell, spec.patch
+    top, left = (height - g * cell) // 2, (width - g * cell) // 2
+    cells = torch.arange(g * g, device=images.device)
+    starts_y = top + (cells // g) * cell + offsets[..., 0]  # (B, T)
+    starts_x = left + (cells % g) * cell + offsets[..., 1]
+    span = torch.arange(patch, device=images.device)
+    rows = (starts_y.unsqueeze(-1) + span).unsqueeze(-1)  # (B, T, p, 1)
+    cols = (starts_x.unsqueeze(-1) + span).unsqueeze(-2)  # (B, T, 1, p)
+    sample = torch.arange(b, device=images.device).view(b, 1, 1, 1)
+    return images.permute(0, 2, 3, 1)[sample, rows, cols].permute(0, 1, 4, 2, 3)  # (B, T, C, p, p)
+
+
+def standardise_tiles(tiles: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Each tile and channel to zero mean and unit std over its pixels (`eps` is added to the variance:
+    a flat tile stays near zero instead of amplifying its rounding noise)."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    var = tiles.var(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (tiles - mean) / torch.sqrt(var + eps)
+
+
+# ------------------------------------------------------------------------------------------------- jigsaw
+
+
+@functools.lru_cache(maxsize=8)
+def permutation_set(count: int, tiles: int, seed: int = 0) -> torch.Tensor:
+    """`count` permutations of `tiles` tiles (count, tiles), int64, by Noroozi & Favaro's greedy algorithm:
+    start from one drawn at random, then repeatedly add the candidate with the largest average Hamming
+    distance to those chosen (ties: the first in lexicographic order). Candidates: all tiles! orders up to
+    EXHAUSTIVE_LIMIT tiles, else CANDIDATE_POOL random ones. Deterministic in (count, tiles, seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    if tiles <= EXHAUSTIVE_LIMIT:
+        candidates = torch.tensor(list(itertools.permutations(range(tiles))), dtype=torch.int8)
+    else:
+        candidates = torch.stack([torch.randperm(tiles, generator=generator) for _ in range(CANDIDATE_POOL)])
+        candidates = torch.unique(candidates.to(torch.int8), dim=0)
+    if count > len(candidates):
+        raise ValueError(f"permutation_set: {count} permutations asked, {len(candidates)} candidates")
+    first = int(torch.randint(len(candidates), (1,), generator=generator))
+    chosen = [first]
+    columns = candidates.t().contiguous()  # a column at a time: twice as fast as a row-wise reduction
+    total_distance = torch.zeros(len(candidates), dtype=torch.int32)
+    for _ in range(count - 1):
+        last = candidates[chosen[-1]]
+        for position in range(tiles):
+            total_distance += columns[position] != last[position]
+        total_distance[chosen[-1]] = -(2 ** 30)  # chosen: out of reach of any later total
+        chosen.append(int(total_distance.argmax()))
+    return candidates[chosen].long()
+
+
+def minimum_hamming(permutations: torch.Tensor) -> int:
+    """The smallest Hamming distance between two permutations of the set (the puzzle's hardest pair)."""
+    distances = (permutations.unsqueeze(0) != permutations.unsqueeze(1)).sum(dim=-1)
+    distances.fill_diagonal_(permutations.shape[1] + 1)
+    return int(distances.min())
+
+
+def jigsaw(images: torch.Tensor, spec: Jigsaw, permutations: torch.Tensor | None,
+           generator: torch.Generator) -> PretextInputs:
+    """The grid's tiles of each image, shuffled by a random permutation of the set (its index the label),
+    or with `permutations` None by a uniformly random order (label -1): position j shows tile
+    `order[i, j]`; standardised per tile when the spec says so."""
+    b = images.shape[0]
+    tiles = grid_patches(images, spec, patch_offsets(spec, b, generator, images.device))
+    if permutations is None:
+        order = torch.rand(b, tiles.shape[1], generator=generator, device=images.device).argsort(dim=1)
+        labels = torch.full((b,), -1, dtype=torch.long, device=images.device)
+    else:
+        labels = torch.randint(0, len(permutations), (b,), generator=generator, device=images.device)
+        order = permutations[labels]
+    shuffled = tiles.gather(1, order.view(b, -1, 1, 1, 1).expand_as(tiles))
+    if spec.normalise_tiles:
+        shuffled = standardise_tiles(shuffled)
+    return PretextInputs(shuffled.flatten(0, 1), labels, order)
+
+
+# ------------------------------------------------------------------------------------- context prediction
+
+
+def drop_colours(patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Doersch's colour dropping: each patch keeps one random channel; the others become Gaussian noise of
+    1/100 the kept channel's standard deviation over the patch."""
+    n, channels = patches.shape[:2]
+    keep = torch.randint(0, channels, (n,), generator=generator, device=patches.device)
+    kept = patches[torch.arange(n, device=patches.device), keep].unsqueeze(1)  # (n, 1, p, p)
+    noise = torch.randn(patches.shape, generator=generator, device=patches.device, dtype=patches.dtype)
+    noise = noise * kept.std(dim=(-2, -1), keepdim=True) / 100
+    is_kept = (torch.arange(channels, device=patches.device) == keep.unsqueeze(1)).view(n, channels, 1, 1)
+    return torch.where(is_kept, patches, noise)
+
+
+GREEN_MAGENTA = torch.tensor([-1.0, 2.0, -1.0]) / math.sqrt(6.0)
+
+
+def project_out_green_magenta(patches: torch.Tensor) -> torch.Tensor:
+    """Doersch's projection: every pixel's component along the green-magenta axis (-1, 2, -1) removed."""
+    axis = GREEN_MAGENTA.to(patches.device, patches.dtype).view(1, 3, 1, 1)
+    return patches - (patches * axis).sum(dim=1, keepdim=True) * axis
+
+
+def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: torch.Generator) -> PretextInputs:
+    """Centre patches and one random neighbour each (or all eight, `all_pairs`), with the anti-shortcut
+    options of the spec applied to every patch."""
+    b = images.shape[0]
+    device = images.device
+    patches = grid_patches(images, spec, patch_offsets(spec, b, generator, device))
+    neighbours = torch.tensor(NEIGHBOURS, device=device)
+    if spec.all_pairs:
+        labels = torch.arange(8, device=device).repeat(b)
+        sample = torch.arange(b, device=device).repeat_interleave(8)
+    else:
+        labels = torch.randint(0, 8, (b,), generator=generator, device=device)
+        sample = torch.arange(b, device=device)
+    pairs = torch.cat([patches[sample, CENTRE], patches[sample, neighbours[labels]]])
+    if spec.color_dropping:
+        pairs = drop_colours(pairs, generator)
+    if spec.projection:
+        pairs = project_out_green_magenta(pairs)
+    return PretextInputs(pairs, labels)
+
+
+# ------------------------------------------------------------------------------------------ the stack's part
+
+
+class PretextStage:
+    """Makes every pretext task of a recipe from group 0's views; the jigsaw permutation set is made once,
+    at construction, on the device."""
+
+    def __init__(self, tasks, device: torch.device | str):
+        self.tasks = tuple(tasks)
+        self.permutations = {
+            task.task: permutation_set(task.permutations, task.grid ** 2, task.permutation_seed).to(device)
+            for task in self.tasks if isinstance(task, Jigsaw) and task.permutations
+        }
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, PretextInputs]:
+        made = {}
+        for task in self.tasks:
+            if isinstance(task, Rotation):
+                made[task.task] = rotate(images, task, generator)
+            elif isinstance(task, Jigsaw):
+                made[task.task] = jigsaw(images, task, self.permutations.get(task.task), generator)
+            elif isinstance(task, RelativeLocation):
+                made[task.task] = relative_location(images, task, generator)
+            else:
+                raise TypeError(f"unknown pretext task {task!r}")
+        return made
