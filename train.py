@@ -375,7 +375,7 @@ class LearningCheck:
     """One-line warnings when a run does not seem to learn (README, "When a run does not learn"): a kNN
     evaluation under the random-init baseline, and a loss that has moved by less than `MIN_LOSS_CHANGE` of
     its start once `CHECK_SHARE` of the run is done. The start is the mean of the first `START_STEPS`
-    losses; a resumed run skips the loss check (its first losses are not the run's start), and so does an
+    losses, and the check waits for twice that many (a run too short for it is not judged); a resumed run skips the loss check (its first losses are not the run's start), and so does an
     epoch whose kNN is above the baseline: the features learn, and a queue method's loss can rise while
     they do (its queue fills with harder negatives)."""
 
@@ -386,8 +386,10 @@ class LearningCheck:
     def __init__(self, fresh: bool):
         self.start_losses: list[float] | None = [] if fresh else None
         self.loss_checked = not fresh
+        self.seen = 0
 
     def observe(self, losses: list[float]) -> list[float]:
+        self.seen += len(losses)
         if self.start_losses is not None and len(self.start_losses) < self.START_STEPS:
             self.start_losses += losses[: self.START_STEPS - len(self.start_losses)]
         return losses
@@ -396,7 +398,8 @@ class LearningCheck:
         knn, baseline = summary.get("knn_top1"), summary.get("knn_random_init")
         found = [knn_warning(knn, baseline)]
         learning = knn is not None and baseline is not None and knn > baseline
-        if not self.loss_checked and share_done >= self.CHECK_SHARE and self.start_losses and not learning:
+        long_enough = self.seen >= 2 * self.START_STEPS
+        if not self.loss_checked and share_done >= self.CHECK_SHARE and long_enough and not learning:
             self.loss_checked = True
             start = sum(self.start_losses) / len(self.start_losses)
             found.append(flat_loss_warning(start, summary["mean_loss"], share_done, self.MIN_LOSS_CHANGE))

@@ -138,6 +138,8 @@ def test_a_flat_loss_is_a_warning_once_a_quarter_of_the_run_is_done():
     check.observe([4.15] * 10)  # only the first 10 losses make the start
     assert check.start_losses == [4.16] * 4 + [4.15] * 6
     assert check.warnings({"mean_loss": 4.14}, share_done=0.2) == []  # too early to tell
+    assert check.warnings({"mean_loss": 4.11}, share_done=0.25) == []  # 14 losses: not yet twice the start's 10
+    check.observe([4.11] * 6)
     (warning,) = check.warnings({"mean_loss": 4.11}, share_done=0.25)  # 1 % in a quarter of the run
     assert "the loss has barely moved after 25% of the run (4.1540 -> 4.1100, under 2%)" in warning
     assert check.warnings({"mean_loss": 4.11}, share_done=0.5) == []  # said once
@@ -151,13 +153,19 @@ def test_a_moving_loss_and_a_resumed_run_get_no_loss_warning():
     resumed.observe([4.16] * 10)
     assert resumed.warnings({"mean_loss": 4.16}, share_done=0.9) == []
     both = train.LearningCheck(fresh=True)
-    both.observe([4.16] * 10)
+    both.observe([4.16] * 20)
     assert len(both.warnings({"mean_loss": 4.16, "knn_top1": 50.0, "knn_random_init": 60.0}, share_done=0.5)) == 2
     # a kNN above random init shows learning: a queue method's loss may stay flat or rise meanwhile
     rising = train.LearningCheck(fresh=True)
-    rising.observe([4.75] * 10)
+    rising.observe([4.75] * 20)
     assert rising.warnings({"mean_loss": 4.81, "knn_top1": 78.7, "knn_random_init": 75.75}, share_done=0.5) == []
     assert len(rising.warnings({"mean_loss": 4.81}, share_done=0.6)) == 1  # checked at the next epoch instead
+
+
+def test_a_run_shorter_than_twice_the_loss_start_is_not_judged_flat():
+    short = train.LearningCheck(fresh=True)
+    short.observe([1.4] * 6)  # e.g. --max-steps 6: the epoch's mean is the start itself
+    assert short.warnings({"mean_loss": 1.4}, share_done=1.0) == []
 
 
 # ---------------------------------------------------------------------------------------------- DDP buffers
