@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
 
@@ -61,10 +62,14 @@ def rotate(images: torch.Tensor, spec: Rotation, generator: torch.Generator) -> 
 # ------------------------------------------------------------------------------------------- grid patches
 
 
-def patch_offsets(spec: GridPatches, batch: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Each patch's random offset inside its cell: (B, grid * grid, 2) as (y, x), in [0, cell - patch]."""
-    return torch.randint(0, spec.cell - spec.patch + 1, (batch, spec.grid ** 2, 2), generator=generator,
-                         device=device)
+def patch_offsets(spec: GridPatches, batch: int, generator: torch.Generator, device,
+                  yoked: bool = False) -> torch.Tensor:
+    """Each patch's random offset inside its cell: (B, grid * grid, 2) as (y, x), in [0, cell - patch];
+    `yoked`: one offset per image, shared by all its patches."""
+    per_image = 1 if yoked else spec.grid ** 2
+    offsets = torch.randint(0, spec.cell - spec.patch + 1, (batch, per_image, 2), generator=generator,
+                            device=device)
+    return offsets.expand(batch, spec.grid ** 2, 2)
 
 
 def grid_patches(images: torch.Tensor, spec: GridPatches, offsets: torch.Tensor) -> torch.Tensor:
@@ -172,12 +177,37 @@ def project_out_green_magenta(patches: torch.Tensor) -> torch.Tensor:
     return patches - (patches * axis).sum(dim=1, keepdim=True) * axis
 
 
+def blur_chroma(patches: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Mundhenk et al.'s chroma blurring: each pixel keeps its grey level (the channel mean) and its chroma
+    (the rest) is area-downsampled by `factor` and upsampled bilinearly."""
+    grey = patches.mean(dim=1, keepdim=True)
+    size = patches.shape[-2:]
+    small = F.interpolate(patches - grey, scale_factor=1 / factor, mode="area")
+    return grey + F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+
+
+def random_aperture(patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each patch seen through a random square window (side uniform in [patch/2, patch], uniformly placed),
+    zero outside it."""
+    n, size = patches.shape[0], patches.shape[-1]
+    device = patches.device
+    side = size / 2 + torch.rand(n, generator=generator, device=device) * (size / 2)
+    top = torch.rand(n, generator=generator, device=device) * (size - side)
+    left = torch.rand(n, generator=generator, device=device) * (size - side)
+    pixels = torch.arange(size, device=device)
+    inside_y = (pixels >= top.view(n, 1).floor()) & (pixels < (top + side).view(n, 1).ceil())
+    inside_x = (pixels >= left.view(n, 1).floor()) & (pixels < (left + side).view(n, 1).ceil())
+    window = (inside_y.view(n, 1, size, 1) & inside_x.view(n, 1, 1, size)).to(patches.dtype)
+    return patches * window
+
+
 def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: torch.Generator) -> PretextInputs:
     """Centre patches and one random neighbour each (or all eight, `all_pairs`), with the anti-shortcut
     options of the spec applied to every patch."""
     b = images.shape[0]
     device = images.device
-    patches = grid_patches(images, spec, patch_offsets(spec, b, generator, device))
+    offsets = patch_offsets(spec, b, generator, device, yoked=spec.yoked_jitter)
+    patches = grid_patches(images, spec, offsets)
     neighbours = torch.tensor(NEIGHBOURS, device=device)
     if spec.all_pairs:
         labels = torch.arange(8, device=device).repeat(b)
@@ -190,6 +220,10 @@ def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: t
         pairs = drop_colours(pairs, generator)
     if spec.projection:
         pairs = project_out_green_magenta(pairs)
+    if spec.chroma_blur:
+        pairs = blur_chroma(pairs)
+    if spec.aperture:
+        pairs = random_aperture(pairs, generator)
     return PretextInputs(pairs, labels)
 
 

@@ -227,12 +227,21 @@ class RelativeLocation(GridPatches):
     0-7, row-major around the centre), or all 8 pairs per image (`all_pairs`). Against shortcuts:
     `color_dropping` keeps one random channel per patch and fills the others with Gaussian noise (std 1/100
     of the kept channel's); `projection` removes the green-magenta component of every pixel (Doersch's
-    fix for chromatic aberration)."""
+    fix for chromatic aberration); and Mundhenk et al.'s three: `chroma_blur` keeps each pixel's grey
+    level and blurs its colour (the chroma, pixel minus its channel mean, area-downsampled 4x and
+    upsampled bilinearly), `yoked_jitter` gives all patches of an image the same offset in their cells
+    (the gap between patches carries no cue), `aperture` shows each patch through a random square window
+    (side U(patch/2, patch)), zero (the data's mean) outside it."""
 
     all_pairs: bool = False
     color_dropping: bool = False
     projection: bool = False
+    chroma_blur: bool = False
+    yoked_jitter: bool = False
+    aperture: bool = False
     task: str = field(default="relloc", init=False)
+
+    SHORTCUT_OPTIONS = ("color_dropping", "projection", "chroma_blur", "yoked_jitter", "aperture")
 
     def for_crop(self, size: int) -> RelativeLocation:
         if self.grid != 3:
@@ -241,7 +250,7 @@ class RelativeLocation(GridPatches):
         return super().for_crop(size)
 
     def describe(self) -> str:
-        extras = [name for name in ("all_pairs", "color_dropping", "projection") if getattr(self, name)]
+        extras = [name for name in ("all_pairs", *self.SHORTCUT_OPTIONS) if getattr(self, name)]
         return f"relloc: {self._describe_grid()}" + (f", {', '.join(extras)}" if extras else "")
 
 

@@ -30,7 +30,8 @@ class RelativeLocationHead(PretextHead):
 
 class RelativeLocationMethod(PretextMethod):
     """Context prediction on one crop per image: a 3x3 grid of cells, a patch at a random offset in each
-    (`--method-options cell=85,patch=64,all_pairs=true,color_dropping=true,projection=true`)."""
+    (`--method-options cell=85,patch=64,all_pairs=true,color_dropping=true,projection=true`, and
+    Mundhenk et al.'s `chroma_blur`, `yoked_jitter`, `aperture`)."""
 
     name = "relloc"
     recipe_preset = "relloc"
@@ -42,10 +43,12 @@ class RelativeLocationMethod(PretextMethod):
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, cell: int | None = None,
                  patch: int | None = None, all_pairs: bool = False, color_dropping: bool = False,
-                 projection: bool = False, head_preset: str | None = None, hidden_dim: int | None = None,
+                 projection: bool = False, chroma_blur: bool = False, yoked_jitter: bool = False,
+                 aperture: bool = False, head_preset: str | None = None, hidden_dim: int | None = None,
                  **backbone_options):
         super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
         spec = RelativeLocation(cell=cell, patch=patch, all_pairs=all_pairs, color_dropping=color_dropping,
-                                projection=projection)
+                                projection=projection, chroma_blur=chroma_blur, yoked_jitter=yoked_jitter,
+                                aperture=aperture)
         sizes = self.head_sizes(head_preset, on_gpu, hidden_dim=hidden_dim)
         self.add_task(RelativeLocationHead(self.feature_dim, spec, **sizes))
