@@ -201,6 +201,11 @@ def random_aperture(patches: torch.Tensor, generator: torch.Generator) -> torch.
     return patches * window
 
 
+@functools.lru_cache(maxsize=None)
+def _neighbours(device: str) -> torch.Tensor:
+    return torch.tensor(NEIGHBOURS, device=device)  # made once per device: no host-to-device copy per batch
+
+
 def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: torch.Generator) -> PretextInputs:
     """Centre patches and one random neighbour each (or all eight, `all_pairs`), with the anti-shortcut
     options of the spec applied to every patch."""
@@ -208,7 +213,7 @@ def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: t
     device = images.device
     offsets = patch_offsets(spec, b, generator, device, yoked=spec.yoked_jitter)
     patches = grid_patches(images, spec, offsets)
-    neighbours = torch.tensor(NEIGHBOURS, device=device)
+    neighbours = _neighbours(str(device))
     if spec.all_pairs:
         labels = torch.arange(8, device=device).repeat(b)
         sample = torch.arange(b, device=device).repeat_interleave(8)

@@ -445,7 +445,10 @@ def batch_to(batch, device):
     return dataclasses.replace(
         batch, views=[view.to(device) for view in batch.views], boxes=[box.to(device) for box in batch.boxes],
         flips=[flip.to(device) for flip in batch.flips], image_sizes=batch.image_sizes.to(device),
-        labels=batch.labels.to(device), masks=None if batch.masks is None else batch.masks.to(device))
+        labels=batch.labels.to(device), masks=None if batch.masks is None else batch.masks.to(device),
+        pretext={task: dataclasses.replace(
+            inputs, images=inputs.images.to(device), labels=inputs.labels.to(device),
+            order=None if inputs.order is None else inputs.order.to(device)) for task, inputs in batch.pretext.items()})
 
 
 @contextlib.contextmanager
