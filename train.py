@@ -30,6 +30,7 @@ from models.runtime import default_mixed_precision, use_fast_cuda_kernels
 from models.training import (Config, StepSignals, cores_per_process, optimizer_step, parse_config, resolve,
                              time_share)
 from pipelines.features import evaluation_stack, extract_features, gather_features
+from pipelines.files import atomic_write_text
 from pipelines.shards import ShardError, open_shard_set
 from pipelines.spec import RecipeError
 from pipelines.stack import InputStack
@@ -138,6 +139,8 @@ def set_up(config: Config) -> Training:
     start_step = run.resume(config.resume, config, accelerator, train_stack, model) if config.resume else 0
     if accelerator.is_main_process:
         run.write_config(config, recipe, runtime=runtime_settings(config, accelerator, batch_norm_note))
+        for task, permutations in train_stack.pretext.permutations.items():  # the set a jigsaw run drew from
+            atomic_write_text(run.root / f"{task}_permutations.json", json.dumps(permutations.tolist()))
         accelerator.print(recipe.describe())
         accelerator.print(f"{config.method} | {config.backbone} | {world} process(es) x batch {config.batch_size} "
                           f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
