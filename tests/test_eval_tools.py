@@ -269,3 +269,76 @@ def test_linear_probe_scores_each_layer_with_a_cache_per_layer(random_export, tm
     assert after["layers"]["final"]["top1"] == before["top1"]
     # the default read the final features' cache the layered run wrote: no new file, nothing rewritten
     assert {path: path.stat().st_mtime_ns for path in (random_export / "linear_probe_cache").glob("*.pt")} == stamps
+
+
+# ------------------------------------------------------------------------------ pixels: the raw-pixel baseline
+
+
+def _decoded_pixels(count: int) -> torch.Tensor:
+    """The first `count` images of DATA's first shard decoded by PIL: (count, 3 * H * W) in [0, 1]."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    with tarfile.open(sorted((ROOT / DATA).glob("*.tar"))[0]) as archive:
+        for member in archive:
+            if member.name.endswith(".jpg"):
+                image = np.asarray(Image.open(io.BytesIO(archive.extractfile(member).read())).convert("RGB"))
+                rows.append(torch.from_numpy(image.copy()).permute(2, 0, 1).flatten().float() / 255)
+                if len(rows) == count:
+                    return torch.stack(rows)
+    raise AssertionError(f"{DATA} has fewer than {count} images")
+
+
+def test_pixel_features_are_the_unnormalised_crop_flattened():
+    from pipelines.shards import open_shard_set
+    from pipelines.spec import preset
+    from tools.eval_knn import extract, load_backbone
+
+    pixels, info = load_backbone("pixels")
+    shards = open_shard_set(ROOT / DATA, need_labels=True)
+    features, labels = extract(pixels, info, shards, 28, 256, "cpu")
+    assert features.shape == (2000, 3 * 28 * 28) and labels.shape == (2000,)
+    assert 0 <= features.min() and features.max() <= 1 and features.max() > 0.9
+    # the JPEGs as PIL decodes them (DALI's decoder may round a value differently)
+    decoded = _decoded_pixels(4)
+    assert (features[:4] - decoded).abs().max() <= 2 / 255
+    # the same stack with a backbone's normalisation: those crops are these values, normalised
+    normalised, same_labels = extract(pixels, {"timm_name": "swav-like", "method": "swav"}, shards, 28, 256, "cpu")
+    mean = torch.tensor(preset("swav").mean).repeat_interleave(28 * 28)
+    std = torch.tensor(preset("swav").std).repeat_interleave(28 * 28)
+    assert torch.equal(same_labels, labels)
+    assert torch.allclose(normalised[:8], (features[:8] - mean) / std, atol=1e-5)
+
+
+def test_knn_on_pixels_gives_one_result_per_k(tmp_path, capsys):
+    data = str(ROOT / DATA)
+    out = tmp_path / "pixels.json"
+    assert main(["pixels", "--size", "28", "--train", data, "--val", data, "--k", "1", "20", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pixels at 28 px:") and len(lines) == 3
+    results = json.loads(out.read_text())
+    assert results["timm_name"] == "pixels" and results["input_size"] == 28
+    assert list(results["k"]) == ["1", "20"]
+    # the bank is the query set: with k = 1 every query finds itself (an exact duplicate could differ)
+    assert results["k"]["1"]["top1"] > 99.5 and 50 < results["k"]["20"]["top1"] <= results["k"]["20"]["top5"]
+
+
+def test_pixels_without_size_or_with_a_layer_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from tools.linear_probe import main as probe_main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written beside "pixels" (no feature cache)
+    data = str(ROOT / DATA)
+    for tool, prog in ((main, "eval_knn"), (probe_main, "linear_probe")):
+        for args, message in (([], "pixels: give --size"),
+                              (["--size", "28", "--layer", "final", "layer1"], "--layer: unknown layer 'layer1'")):
+            assert tool(["pixels", "--train", data, "--val", data, *args]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: {message}"), lines
+    assert probe_main(["pixels", "--size", "28", "--train", data, "--val", data, "--weight-decays", "1e-2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pixels at 28 px, 2352-d features:") and out[1].startswith("val top-1 ")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@
     python tools/eval_knn.py runs/swav-x/checkpoints/step-00000312        # a checkpoint
     python tools/eval_knn.py runs/swav-x --train shards/fm-train --val shards/fm-test --k 20 200
     python tools/eval_knn.py runs/rotnet-x --layer layer2 layer3 final   # intermediate layers too
+    python tools/eval_knn.py pixels --size 28                             # the raw-pixel baseline
 
 Features come from the input stack with an evaluation recipe: each image once, un-augmented; crops
 of 64 px or less see the whole image, larger ones resize 256 / centre-crop 224 (in proportion), at the
@@ -11,12 +12,15 @@ size the backbone was trained at (`--size` overrides). The train shards are the 
 top-5 are reported on the val shards. `--layer` scores features of intermediate layers instead of
 (or beside: "final") the pooled output, all from one pass over each split: a ResNet's stem and stages
 (`stem layer1 .. layer4`) average-pooled to a grid of at most 9216 values, a ViT's blocks (`block0` ..)
-as the mean of their patch tokens (models/backbones.py, `LayerFeatures`).
+as the mean of their patch tokens (models/backbones.py, `LayerFeatures`). In place of a backbone,
+`pixels` takes the evaluation crop's own values as the features: in [0, 1] (no mean/std
+normalisation), at `--size` (required), flattened channel-major; its only layer is "final".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,6 +36,11 @@ from pipelines.features import evaluation_stack, extract_feature_sets, extract_f
 from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError, open_shard_set  # noqa: E402
 
 PROG = "eval_knn"
+PIXELS = "pixels"  # the backbone argument of the raw-pixel baseline
+
+
+class Pixels(torch.nn.Flatten):
+    """The raw-pixel baseline's "backbone": a batch of crops flattened to (batch, C * H * W)."""
 
 
 class EvalError(Exception):
@@ -40,7 +49,11 @@ class EvalError(Exception):
 
 def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """(backbone in eval mode, info: timm_name, stem, model_kwargs, input_size, method) from a run
-    directory or its backbone.json (the export), or from a checkpoint directory (meta.json)."""
+    directory or its backbone.json (the export), or from a checkpoint directory (meta.json).
+    `path` "pixels": `Pixels`, info {"timm_name": "pixels", "normalise": False (the stack leaves the
+    crops in [0, 1]), "cache": False (no weights to key a feature cache by)}; no input size."""
+    if str(path) == PIXELS:
+        return Pixels().eval(), {"timm_name": PIXELS, "normalise": False, "cache": False}
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -83,18 +96,29 @@ def _first_crop_size(multicrop: str) -> int:
     return int(multicrop.split("+")[0].split("@")[0].split("x")[1])
 
 
+def input_size(info: dict, size: int | None) -> int:
+    """`size` (--size), else the size the backbone was trained at, else 224; the pixels need --size."""
+    if size:
+        return size
+    if info["timm_name"] == PIXELS:
+        raise EvalError("pixels: give --size, the side of the crop whose values are the features (e.g. 28)")
+    return info.get("input_size") or 224
+
+
 def _stack(info: dict, shards, size: int, batch_size: int, device):
     from models.methods import method_class
     from pipelines.spec import preset
 
     recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
+    if not info.get("normalise", True):
+        recipe = dataclasses.replace(recipe, mean=None, std=None)
     return evaluation_stack(recipe, shards, batch_size, device=torch.device(device))
 
 
 @torch.no_grad()
 def extract(backbone, info: dict, shards, size: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of `shards`, through the evaluation recipe at `size` px with
-    the normalisation of the method the backbone was trained with."""
+    the normalisation of the method the backbone was trained with (none for the pixels)."""
     extracted = extract_features(backbone, _stack(info, shards, size, batch_size, device))
     return extracted.features, extracted.labels
 
@@ -124,13 +148,13 @@ def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07
     """kNN accuracies: under "k" for the final features, or with `layers`, under "layers": {layer:
     {"dim", "k"}} for each."""
     backbone, info = load_backbone(backbone_path)
+    size = input_size(info, size)
     if layers:
         layer_features(backbone, layers)  # unknown names fail before any data is read
     train_shards = open_shard_set(train_data, need_labels=True)
     val_shards = open_shard_set(val_data, need_labels=True)
     if train_shards.classes != val_shards.classes:
         raise EvalError(f"--train {train_data} and --val {val_data} have different classes")
-    size = size or info.get("input_size") or 224
     backbone = backbone.to(device)
     results = {"backbone": str(backbone_path), "timm_name": info["timm_name"], "input_size": size,
                "train": str(train_shards.root), "val": str(val_shards.root), "temperature": temperature}
@@ -153,7 +177,8 @@ def evaluate(backbone_path, train_data, val_data, ks=(20, 200), temperature=0.07
 
 def add_feature_arguments(parser: argparse.ArgumentParser, train_help: str, val_help: str) -> None:
     """The options every frozen-feature evaluation takes (kNN, linear probe)."""
-    parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory")
+    parser.add_argument("backbone", help="a run directory, its backbone.json, or a checkpoint directory; "
+                                         "or pixels: the crop's values in [0, 1] (needs --size)")
     parser.add_argument("--train", default=str(DEMO_TRAIN), help=train_help)
     parser.add_argument("--val", default=str(DEMO_VAL), help=val_help)
     parser.add_argument("--size", type=int, default=None, help="input size (default: the training crop size)")

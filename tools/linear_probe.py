@@ -3,6 +3,7 @@
     python tools/linear_probe.py runs/swav-x                       # demo shards: train 10k, val 2k
     python tools/linear_probe.py runs/swav-x --train shards/fm-train --val shards/fm-test
     python tools/linear_probe.py runs/rotnet-x --layer layer2 layer3 final   # a probe per layer
+    python tools/linear_probe.py pixels --size 28                  # the raw-pixel baseline
 
 Protocol: features are extracted once through the input stack's evaluation recipe (as tools/eval_knn.py
 does) and cached next to the backbone (`linear_probe_cache/`), then standardised with the train split's
@@ -10,7 +11,8 @@ mean and std. A multinomial logistic regression is fitted by full-batch L-BFGS; 
 from `--weight-decays` on a held-out 10% of the train split (stratified by nothing but a seeded shuffle),
 refitted on the whole train split, and scored once on the val split (top-1 and top-5). `--layer` probes
 each named layer on its own (features as tools/eval_knn.py takes them: one pass per split for all
-layers, each layer cached on its own).
+layers, each layer cached on its own). `pixels` (tools/eval_knn.py) probes the crop's values; they are
+extracted on every run, never cached.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from models.backbones import FINAL_LAYER  # noqa: E402
 from models.knn import top_k_accuracies  # noqa: E402
 from pipelines.files import atomic_write  # noqa: E402
 from pipelines.shards import ShardError, open_shard_set  # noqa: E402
-from tools.eval_knn import EvalError, add_feature_arguments, extract_layers, layer_features, load_backbone  # noqa: E402
+from tools.eval_knn import (EvalError, add_feature_arguments, extract_layers, input_size,  # noqa: E402
+                            layer_features, load_backbone)
 
 PROG = "linear_probe"
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -85,7 +88,11 @@ def cached_features(backbone_path, info, backbone, shards, size, batch_size, dev
     """({layer: features}, labels) of `shards` at `size` as CPU tensors, cached under the backbone's
     folder, one file per layer keyed by the weights, data, size and layer (the final features' key is
     the one they always had); the layers not cached yet are extracted together, in one pass over
-    `shards`. The cache loads onto the CPU, so one written on a GPU machine reads anywhere."""
+    `shards`. The cache loads onto the CPU, so one written on a GPU machine reads anywhere. A backbone
+    whose info has "cache": False (the pixels) is extracted every time and nothing is written."""
+    if not info.get("cache", True):
+        extracted, labels = extract_layers(backbone, info, shards, size, batch_size, device, list(layers))
+        return {layer: extracted[layer].cpu() for layer in layers}, labels.cpu()
     weights = Path(backbone_path) / (info.get("file") or "model.safetensors")
     source = f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
     caches = {}
@@ -122,11 +129,11 @@ def main(argv=None) -> int:
         if train_shards.classes != val_shards.classes:
             raise EvalError(f"--train {args.train} and --val {args.val} have different classes")
         layers = list(layer_features(backbone, args.layer or [FINAL_LAYER]).names)
+        size = input_size(info, args.size)
     except (EvalError, ShardError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     folder = Path(args.backbone).parent if Path(args.backbone).suffix == ".json" else Path(args.backbone)
-    size = args.size or info.get("input_size") or 224
     device = torch.device(args.device)
     backbone = backbone.to(device)
     train_x, train_y = cached_features(folder, info, backbone, train_shards, size, args.batch_size, device, layers)
