@@ -4,6 +4,7 @@ no speed threshold here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -11,12 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from pipelines.pretext import NEIGHBOURS, jigsaw, permutation_set
 from pipelines.shards import DEMO_TRAIN, open_shard_set
-from pipelines.spec import preset
-from tools.profile_throughput import STAGES, Settings, main, method_and_optimizer, model_stages
+from pipelines.spec import NO_PHOTOMETRIC, preset
+from pipelines.stack import InputStack
+from tools.pretext_peer import PretextPeer
+from tools.profile_throughput import (STAGES, Settings, main, method_and_optimizer, model_stages, peer_loader,
+                                      synthetic_batch, torchvision_views)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +76,115 @@ def test_a_recipe_the_method_cannot_train_on_is_a_one_line_error(capsys):
     assert main(["--method", "mae", "--multicrop", "2x32", "--threads", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("profile_throughput: error: mae trains on 1 masked view(s)")
+
+
+# ------------------------------------------------------------------------------------ pretext methods
+
+
+@pytest.mark.parametrize("method", ["jigsaw", "relloc"])
+def test_a_pretext_method_profiles_every_stage_against_the_per_image_pretext_peer(method, tmp_path):
+    json_path = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "tools/profile_throughput.py", "--method", method, "--multicrop", "1x48",
+         "--batch-size", "8", "--threads", "1", "--quick", "--json", str(json_path)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(json_path.read_text())
+    assert list(report["stages"]) == list(STAGES)
+    assert report["baseline"].startswith(f"{method} per image in torchvision")
+    assert report["photometric_ops"][f"pretext {method}"] > 0
+    pairs = report["stack_vs_peer"]
+    assert len(pairs["pairs"]) == 2 and pairs["median"] == pytest.approx(statistics.median(pairs["pairs"]))
+    assert f"input stack vs peer baseline: {pairs['median']:.2f}x (median of 2 interleaved" in result.stdout
+
+
+def _cpu(batch_size: int, threads: int) -> Settings:
+    return Settings(batch_size=batch_size, threads=threads, warmup=1, batches=1, repeats=1,
+                    device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method, multicrop", [("jigsaw", "1x48"), ("relloc", "1x48"), ("rotnet", "1x32"),
+                                               ("multitask", "1x48")])
+def test_the_peer_batch_has_the_stacks_pretext_tensors(method, multicrop):
+    _, _, recipe, _ = method_and_optimizer(method, preset(method).with_multicrop(multicrop), torch.device("cpu"), 4)
+    shards = open_shard_set(DEMO_TRAIN)
+    ours = next(InputStack(recipe, shards, 4, num_threads=1)).pretext
+    _, loader = peer_loader(recipe, shards, _cpu(4, threads=0))  # no workers: made in this process
+    theirs = next(iter(loader))
+    assert list(theirs) == list(ours) == [task.task for task in recipe.pretext]
+    for task in ours:
+        for field in ("images", "labels", "order"):
+            mine, peer = getattr(ours[task], field), getattr(theirs[task], field)
+            assert (mine is None) == (peer is None), (task, field)
+            if mine is not None:
+                assert (peer.shape, peer.dtype) == (mine.shape, mine.dtype), (task, field)
+    if "jigsaw" in theirs:
+        puzzle = theirs["jigsaw"]
+        assert torch.equal(puzzle.order, permutation_set(1000, 9)[puzzle.labels])
+        assert puzzle.images.mean(dim=(-2, -1)).abs().max() < 1e-4  # every tile standardised per channel
+
+
+def _position_image(size: int = 48) -> Image.Image:
+    """Red = 5 * row, green = 5 * column: every pixel names where it is."""
+    rows, columns = np.mgrid[0:size, 0:size]
+    return Image.fromarray(np.stack([5 * rows, 5 * columns, np.zeros_like(rows)], axis=-1).astype(np.uint8))
+
+
+def _position_recipe(method: str):
+    """The preset at 1x48 with a crop that is the whole image (no flip, no grey, no normalisation) and
+    tiles left unstandardised, so a tile's pixels still say where in the image it was cut."""
+    base = preset(method).with_multicrop("1x48")
+    group = dataclasses.replace(base.groups[0], scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
+                                photometric=(NO_PHOTOMETRIC,))
+    pretext = tuple(dataclasses.replace(task, normalise_tiles=False) if task.task == "jigsaw" else task
+                    for task in base.pretext)
+    return dataclasses.replace(base, groups=(group,), mean=None, std=None, pretext=pretext)
+
+
+def _cell_of(patch: torch.Tensor) -> int:
+    """The grid cell (row-major, 16-px cells) a 12-px patch of a position image was cut from, after
+    checking it is one contiguous block at an offset of 0-4 px inside that cell."""
+    rows, columns = (torch.round(patch[channel] * 255 / 5).long() for channel in (0, 1))
+    top, left = int(rows[0, 0]), int(columns[0, 0])
+    assert torch.equal(rows, top + torch.arange(12).view(12, 1).expand(12, 12))
+    assert torch.equal(columns, left + torch.arange(12).view(1, 12).expand(12, 12))
+    assert top % 16 <= 4 and left % 16 <= 4
+    return (top // 16) * 3 + left // 16
+
+
+def test_the_peers_tiles_are_the_grid_cells_in_the_labelled_permutations_order():
+    recipe = _position_recipe("jigsaw")
+    crop = torchvision_views(recipe)[0]
+    image = _position_image()
+    assert torch.equal(torch.round(crop(image) * 255), torch.from_numpy(np.array(image)).permute(2, 0, 1).float())
+    peer, permutations = PretextPeer(recipe, crop), permutation_set(1000, 9)
+    labels = set()
+    for _ in range(10):
+        tiles, label, order = peer(image)["jigsaw"]
+        labels.add(label)
+        assert torch.equal(order, permutations[label])
+        assert [_cell_of(tile) for tile in tiles] == order.tolist()  # position j shows cell order[j]
+    assert len(labels) > 1
+    # the input stack's convention is the same: position j of sample i shows tile order[i, j]
+    made = jigsaw(crop(image)[None], recipe.pretext[0], permutations, torch.Generator().manual_seed(0))
+    assert [_cell_of(tile) for tile in made.images] == made.order[0].tolist()
+
+
+def test_the_peers_relloc_pairs_are_the_centre_and_the_labelled_neighbour():
+    recipe = _position_recipe("relloc")
+    peer = PretextPeer(recipe, torchvision_views(recipe)[0])
+    image = _position_image()
+    for _ in range(10):
+        centres, neighbours, labels = peer(image)["relloc"]
+        assert _cell_of(centres[0]) == 4 and _cell_of(neighbours[0]) == NEIGHBOURS[int(labels[0])]
+
+
+@pytest.mark.parametrize("method, multicrop", [("rotnet", "1x32"), ("multitask", "1x48")])
+def test_the_model_stages_train_a_pretext_method_on_synthetic_pretext_inputs(method, multicrop):
+    settings = _cpu(8, threads=1)
+    model, optimizer, recipe, _ = method_and_optimizer(method, preset(method).with_multicrop(multicrop),
+                                                       settings.device, settings.batch_size)
+    assert set(synthetic_batch(recipe, 8, settings.device).pretext) == set(model.heads)
+    seconds = model_stages(model, optimizer, recipe, open_shard_set(DEMO_TRAIN), settings)
+    assert list(seconds) == [STAGES[4], STAGES[5]]
+    assert optimizer.state  # SGD's momentum buffers: the step ran

@@ -7,7 +7,9 @@ the training device (the full input stack, as train.py sees it), (5) the model's
 optimizer step on synthetic tensors of the recipe's shapes, (6) end-to-end training steps (4 feeding 5),
 and (7) the peer baseline: the same recipe through a PyTorch DataLoader with PIL/torchvision transforms
 and one worker per core (lightly's SwaVTransform / DINOTransform for those methods when lightly is
-installed). Stage (4) is also broken down per photometric op. Warm-up batches are excluded; each stage
+installed; for a recipe with pretext tasks, jigsaw / relloc / rotation, their inputs made per image in the
+workers as VISSL and mmselfsup make them: tools/pretext_peer.py). Stage (4) is also broken down per
+photometric op, plus the pretext tasks' inputs. Warm-up batches are excluded; each stage
 is timed over several repetitions and the median is reported. Stages (4) and (7) are timed in
 alternating blocks and "stack vs peer" is the median of the per-pair ratios, so a machine whose speed
 drifts during the run moves both sides of each ratio. `--json` and `--png` write the results.
@@ -31,6 +33,7 @@ import torch  # noqa: E402
 from pipelines.dali_stage import build_pipeline  # noqa: E402
 from pipelines.masking import make_masks  # noqa: E402
 from pipelines.photometric import PhotometricStage  # noqa: E402
+from pipelines.pretext import PretextStage  # noqa: E402
 from pipelines.shards import DEMO_TRAIN, ShardError, open_shard_set  # noqa: E402
 from pipelines.spec import Photometric, RecipeError, preset  # noqa: E402
 from pipelines.stack import Batch, InputStack, dali_config  # noqa: E402
@@ -106,7 +109,7 @@ def stack_and_peer(recipe, shards, settings: Settings) -> tuple[list[float], lis
     for _ in range(settings.repeats):
         stack_seconds.append(time_batches(lambda: next(stack), stack_block))
         batches = iter(loader)
-        peer_seconds.append(time_batches(lambda: next(batches), peer_block))
+        peer_seconds.append(time_batches(batches.__next__, peer_block))
         del batches  # shuts the workers down
     return stack_seconds, peer_seconds, name
 
@@ -120,7 +123,8 @@ def _only(photometric: Photometric, op: str | None) -> Photometric:
 
 def photometric_breakdown(recipe, settings: Settings) -> dict[str, float]:
     """Seconds per batch of each photometric op alone on the recipe's crop shapes (uint8 -> float and
-    normalisation counted once, under "convert + normalise"; each op's row is its cost on top)."""
+    normalisation counted once, under "convert + normalise"; each op's row is its cost on top), and of
+    making the recipe's pretext inputs from group 0's views ("pretext <tasks>")."""
     generator = torch.Generator().manual_seed(0)
     crops = [torch.randint(0, 256, (group.count * settings.batch_size, 3, group.size, group.size),
                            dtype=torch.uint8, generator=generator).to(settings.device) for group in recipe.groups]
@@ -139,6 +143,12 @@ def photometric_breakdown(recipe, settings: Settings) -> dict[str, float]:
     for op in ("jitter", "grayscale", "blur", "solarize"):
         if op in used:
             breakdown[op] = max(seconds_with(op) - base, 0.0)
+    if recipe.pretext:
+        views = torch.randn(crops[0].shape, generator=generator).to(settings.device)
+        pretext = PretextStage(recipe.pretext, settings.device)
+        pretext_generator = torch.Generator(settings.device).manual_seed(0)
+        breakdown[f"pretext {'+'.join(task.task for task in recipe.pretext)}"] = time_batches(
+            lambda: pretext(views, pretext_generator), settings)
     return breakdown
 
 
@@ -168,8 +178,9 @@ def method_and_optimizer(method_name: str, recipe, device: torch.device, batch_s
 
 
 def synthetic_batch(recipe, batch_size: int, device: torch.device) -> Batch:
-    """A batch of the recipe's shapes with random pixels: every view (whole-image boxes, no flips) and,
-    for a masked recipe, masks drawn as the input stack draws them."""
+    """A batch of the recipe's shapes with random pixels: every view (whole-image boxes, no flips), for a
+    masked recipe masks drawn as the input stack draws them, and the recipe's pretext inputs made from
+    group 0's random views by the input stack's own functions (`pipelines.pretext`)."""
     generator = torch.Generator(device).manual_seed(0)
     views, boxes, flips = [], [], []
     for group in recipe.groups:
@@ -181,10 +192,11 @@ def synthetic_batch(recipe, batch_size: int, device: torch.device) -> Batch:
     masks = None
     if recipe.masking is not None:
         masks = make_masks(recipe.masking, batch_size, size, generator, device)
+    pretext = PretextStage(recipe.pretext, device)(views[0], generator) if recipe.pretext else {}
     return Batch(views=views, boxes=boxes, flips=flips,
                  image_sizes=torch.tensor([size, size], device=device).repeat(batch_size, 1),
                  labels=torch.full((batch_size,), -1, device=device), masks=masks,
-                 raw_keys=torch.zeros(batch_size, 1, dtype=torch.uint8))
+                 raw_keys=torch.zeros(batch_size, 1, dtype=torch.uint8), pretext=pretext)
 
 
 def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
@@ -277,16 +289,25 @@ def _first_image(sample: dict):
 
 def peer_loader(recipe, shards, settings: Settings):
     """(name, DataLoader) of the peer: webdataset + PIL transforms, one worker per thread, two batches
-    prefetched per worker; each `iter()` starts its own workers."""
+    prefetched per worker; each `iter()` starts its own workers. A recipe with pretext tasks yields their
+    inputs only (`tools.pretext_peer`), in the layout of the input stack's `Batch.pretext`."""
     import webdataset as wds
 
-    name, transform = peer_transform(recipe)
+    collate = None
+    if recipe.pretext:
+        from tools.pretext_peer import PretextPeer, collate_pretext
+
+        tasks = "+".join(task.task for task in recipe.pretext)
+        name, transform, collate = (f"{tasks} per image in torchvision (VISSL / mmselfsup style)",
+                                    PretextPeer(recipe, torchvision_views(recipe)[0]), collate_pretext)
+    else:
+        name, transform = peer_transform(recipe)
     urls = [str(path) for path in shards.tars]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
                               workersplitter=wds.split_by_worker, empty_check=False)
                .repeat().shuffle(1000).decode("pil").map(lambda sample: transform(_first_image(sample))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.threads,
-                                         prefetch_factor=2 if settings.threads > 0 else None)
+                                         prefetch_factor=2 if settings.threads > 0 else None, collate_fn=collate)
     return f"{name}, DataLoader with {settings.threads} workers", loader
 
 
@@ -303,7 +324,7 @@ def report(results: dict) -> list[str]:
         lines.append(f"{stage:40s} {row['images_per_second']:10.1f} {1000 * row['seconds_per_batch']:10.1f} "
                      f"{ceiling / row['seconds_per_batch']:10.1%} {of_step}")
     if "photometric_ops" in results:
-        lines.append("stage 4 per photometric op (ms/batch):  " + ",  ".join(
+        lines.append("stage 4 per op (ms/batch):  " + ",  ".join(
             f"{op} {1000 * s:.1f}" for op, s in results["photometric_ops"].items()))
     for line in verdict(results):
         lines.append(line)

@@ -1,0 +1,136 @@
+"""The profiler's peer baseline (stage 7) for recipes with pretext tasks: their inputs made as VISSL
+(Jigsaw: `ImgPatchesFromTensor` + `ShuffleImgPatches`) and mmselfsup (`RelativeLoc`) make them, per
+image in PyTorch DataLoader workers with PIL/torchvision: decode, the recipe's crop and photometric ops
+in torchvision (random resized crop, flip, grayscale for jigsaw, normalisation), then the grid's patches
+cut at random offsets within their cells one at a time, and for
+
+- jigsaw: the tiles shuffled by a permutation drawn from the same set as the input stack's
+  (`pipelines.pretext.permutation_set`), each tile standardised per channel;
+- relloc: the centre patch and a random neighbour (or all eight), the neighbour's position the label,
+  with the spec's anti-shortcut options (colour dropping, projection, chroma blur, yoked jitter, aperture);
+- rotation: the crop in its four quarter turns (or one at random).
+
+`collate_pretext` stacks the samples into the shapes of the input stack's `Batch.pretext`
+(`pipelines.pretext.PretextInputs`), so both sides end with the same tensors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, blur_chroma, drop_colours, permutation_set,
+                               project_out_green_magenta, random_aperture, standardise_tiles)
+from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
+
+
+def cut_patches(image: torch.Tensor, spec: GridPatches, yoked: bool = False) -> torch.Tensor:
+    """The grid's patches of one (C, H, W) image, (grid * grid, C, patch, patch), row-major: the grid
+    centred on the image, each patch at a random offset inside its cell (`yoked`: one offset for all),
+    sliced one cell at a time."""
+    _, height, width = image.shape
+    g, cell, patch = spec.grid, spec.cell, spec.patch
+    top, left = (height - g * cell) // 2, (width - g * cell) // 2
+    shared = (random.randint(0, cell - patch), random.randint(0, cell - patch)) if yoked else None
+    patches = []
+    for row in range(g):
+        for column in range(g):
+            dy, dx = shared or (random.randint(0, cell - patch), random.randint(0, cell - patch))
+            y, x = top + row * cell + dy, left + column * cell + dx
+            patches.append(image[:, y:y + patch, x:x + patch])
+    return torch.stack(patches)
+
+
+def jigsaw_sample(image: torch.Tensor, spec: Jigsaw, permutations: torch.Tensor | None):
+    """(tiles (T, C, p, p) with position j showing tile order[j], label, order (T,)): the label is the
+    permutation's index in `permutations`, or -1 with a uniformly random order when it is None."""
+    tiles = cut_patches(image, spec)
+    if permutations is None:
+        label, order = -1, torch.randperm(len(tiles))
+    else:
+        label = random.randrange(len(permutations))
+        order = permutations[label]
+    shuffled = tiles[order]
+    if spec.normalise_tiles:
+        shuffled = standardise_tiles(shuffled)
+    return shuffled, label, order
+
+
+def relloc_sample(image: torch.Tensor, spec: RelativeLocation):
+    """(centres (P, C, p, p), neighbours (P, C, p, p), labels (P,)): one random neighbour (P = 1) or all
+    eight (`all_pairs`), the label the neighbour's position 0-7 around the centre; the spec's
+    anti-shortcut options applied to every patch of the pairs."""
+    patches = cut_patches(image, spec, yoked=spec.yoked_jitter)
+    labels = list(range(8)) if spec.all_pairs else [random.randrange(8)]
+    centres = patches[CENTRE].expand(len(labels), *patches.shape[1:])
+    neighbours = patches[[NEIGHBOURS[label] for label in labels]]
+    pairs = torch.cat([centres, neighbours])
+    if spec.color_dropping:
+        pairs = drop_colours(pairs, None)
+    if spec.projection:
+        pairs = project_out_green_magenta(pairs)
+    if spec.chroma_blur:
+        pairs = blur_chroma(pairs)
+    if spec.aperture:
+        pairs = random_aperture(pairs, None)
+    centres, neighbours = pairs.chunk(2)
+    return centres, neighbours, torch.tensor(labels)
+
+
+def rotation_sample(image: torch.Tensor, spec: Rotation):
+    """(rotations (R, C, S, S), labels (R,)): all four quarter turns, or one drawn at random."""
+    turns = list(range(4)) if spec.all_four else [random.randrange(4)]
+    return torch.stack([torch.rot90(image, k, dims=(1, 2)) for k in turns]), torch.tensor(turns)
+
+
+class PretextPeer:
+    """PIL image -> {task: that task's sample} for every pretext task of `recipe`, from one crop of it
+    made by `crop` (a callable PIL image -> (C, S, S) tensor: the recipe's group 0 in torchvision)."""
+
+    def __init__(self, recipe, crop):
+        self.tasks = recipe.pretext
+        self.crop = crop
+        self.permutations = {task.task: permutation_set(task.permutations, task.grid ** 2, task.permutation_seed)
+                             for task in self.tasks if isinstance(task, Jigsaw) and task.permutations}
+
+    def from_tensor(self, image: torch.Tensor) -> dict:
+        samples = {}
+        for task in self.tasks:
+            if isinstance(task, Jigsaw):
+                samples[task.task] = jigsaw_sample(image, task, self.permutations.get(task.task))
+            elif isinstance(task, RelativeLocation):
+                samples[task.task] = relloc_sample(image, task)
+            elif isinstance(task, Rotation):
+                samples[task.task] = rotation_sample(image, task)
+            else:
+                raise TypeError(f"unknown pretext task {task!r}")
+        return samples
+
+    def __call__(self, image) -> dict:
+        return self.from_tensor(self.crop(image))
+
+
+def collate_pretext(samples: list[dict]) -> dict[str, PretextInputs]:
+    """A batch of `PretextPeer` samples in the layout of the input stack's `Batch.pretext`: jigsaw tiles
+    sample-major (B * T rows), relloc centres then neighbours (2P rows), rotations rotation-major. Keys
+    that start with "__" (webdataset's `map` adds the sample's `__key__`) are left out."""
+    batch = {}
+    for task in samples[0]:
+        if task.startswith("__"):
+            continue
+        parts = [sample[task] for sample in samples]
+        if task == "jigsaw":
+            batch[task] = PretextInputs(torch.cat([tiles for tiles, _, _ in parts]),
+                                        torch.tensor([label for _, label, _ in parts], dtype=torch.long),
+                                        torch.stack([order for _, _, order in parts]))
+        elif task == "relloc":
+            batch[task] = PretextInputs(torch.cat([c for c, _, _ in parts] + [n for _, n, _ in parts]),
+                                        torch.cat([labels for _, _, labels in parts]))
+        elif task == "rotation":
+            images = torch.stack([rotations for rotations, _ in parts], dim=1)  # (R, B, C, S, S)
+            labels = torch.stack([labels for _, labels in parts], dim=1)
+            batch[task] = PretextInputs(images.flatten(0, 1), labels.flatten())
+        else:
+            raise TypeError(f"unknown pretext task {task!r}")
+    return batch
