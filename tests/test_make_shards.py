@@ -471,6 +471,39 @@ def test_limit_is_stratified_and_seeded(tmp_path):
     assert picks[0] != picks[1]
 
 
+def test_a_shard_set_source_keeps_the_bytes_and_keep_labels_renumbers(built, tmp_path):
+    original = {meta(s)["source"]: s for s in read_samples(built)}
+    assert build(built, tmp_path / "all", "--shard-size", "1MB") == 0
+    again = {meta(s)["source"]: s for s in read_samples(tmp_path / "all")}
+    assert again.keys() == original.keys()
+    assert all(again[k]["jpg"] == original[k]["jpg"] and again[k]["cls"] == original[k]["cls"] for k in again)
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text())["source"]["kind"] == "shards"
+
+    assert build(built, tmp_path / "kept", "--keep-labels", "2,0") == 0  # dogs, birds
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert manifest["classes"] == ["dogs", "birds"] and manifest["source"]["keep_labels"] == [2, 0]
+    kept = {meta(s)["source"]: s for s in read_samples(tmp_path / "kept")}
+    expected = {k for k, s in original.items() if meta(s)["label"] in (0, 2)}
+    assert kept.keys() == expected and manifest["num_samples"] == len(expected) > 0
+    for key, sample in kept.items():
+        new_label = {2: 0, 0: 1}[meta(original[key])["label"]]
+        assert (meta(sample)["label"], meta(sample)["class"]) == (new_label, manifest["classes"][new_label])
+        assert struct.unpack("<i", sample["lab.i32"])[0] == new_label and sample["jpg"] == original[key]["jpg"]
+    assert run_cli("--verify", tmp_path / "kept").returncode == 0
+
+
+def test_keep_labels_errors_are_one_line(built, tree, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(tree / "cats/plain.jpg", flat / "plain.jpg")
+    for source, labels, fragment in ((built, "0,3", "--keep-labels 3:"), (flat, "0", "is unlabeled")):
+        result = run_cli(source, tmp_path / "out", "--keep-labels", labels)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("make_shards: error: ") and fragment in result.stderr
+    result = run_cli(built, tmp_path / "out", "--keep-labels", "1,1")
+    assert result.returncode == 2 and "distinct integer labels" in result.stderr
+
+
 # --- verification and open_shard_set -------------------------------------------------------------------
 
 

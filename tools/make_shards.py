@@ -1,6 +1,8 @@
-"""Write WebDataset shards with DALI indexes and a manifest, from images on disk or MNIST-style IDX files.
+"""Write WebDataset shards with DALI indexes and a manifest, from images on disk, MNIST-style IDX files or
+another shard set.
 
     python tools/make_shards.py SOURCE OUT_DIR [--shard-size 256MB] [--max-side N] [--limit N] [--seed 0]
+    python tools/make_shards.py shards/fashion-mnist-train-10k fm-5 --keep-labels 0,1,2,3,4
     python tools/make_shards.py --verify OUT_DIR
 
 SOURCE is detected as one of (or forced with --source-kind):
@@ -9,6 +11,8 @@ SOURCE is detected as one of (or forced with --source-kind):
   list         a text/CSV file, one `path[,label]` per line (paths relative to the list's folder; labels are
                integers or class names; blank lines and `# comments` skipped)
   idx          an MNIST-style images file (gz or raw); labels from the matching labels-idx1 file or --labels
+  shards       a shard set (a folder with manifest.json): its samples, labels and class names
+--keep-labels L,L,... keeps the samples of those labels only, renumbered 0..K-1 in the order given.
 Names starting with "." are ignored. Every other file is decode-checked; files that are not readable images
 are skipped and listed in the manifest. The sources are sorted, then shuffled with the seed, so the output
 is byte-identical for the same input, seed and options whatever --workers is. Format: shards/README.md.
@@ -17,6 +21,7 @@ is byte-identical for the same input, seed and options whatever --workers is. Fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gzip
 import io
@@ -43,13 +48,16 @@ from pipelines.shards import (  # noqa: E402
     FORMAT,
     MANIFEST,
     IndexEntry,
+    ShardError,
     format_index,
+    open_shard_set,
+    read_index,
     verify_shard_set,
 )
 
 TOOL_VERSION = "make_shards/1"
 PROG = "make_shards"
-SOURCE_KINDS = ("imagefolder", "folder", "list", "idx")
+SOURCE_KINDS = ("imagefolder", "folder", "list", "idx", "shards")
 IMAGE_SUFFIXES = {
     ".jpg",
     ".jpeg",
@@ -97,13 +105,15 @@ class CliError(Exception):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One would-be sample: a file to read, or raw grayscale pixels from an IDX file."""
+    """One would-be sample: a file to read, raw grayscale pixels from an IDX file, or the image of a
+    shard set's sample (`member`: its tar, the offset and size of the image's bytes there)."""
 
     source: str  # how the manifest and the sample's json name it
     label: int | None
     path: str | None = None
     pixels: bytes | None = None
     shape: tuple[int, int] | None = None  # (height, width) of `pixels`
+    member: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -158,6 +168,8 @@ def _looks_like_idx_images(path: Path) -> bool:
 def detect_kind(path: Path) -> str:
     if path.is_file():
         return "idx" if _looks_like_idx_images(path) else "list"
+    if (path / MANIFEST).is_file():
+        return "shards"
     subfolders, files = _top_level(path)
     top_images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if subfolders and top_images:
@@ -345,21 +357,73 @@ def read_idx(path: Path, options: argparse.Namespace) -> Source:
     return Source("idx", description, candidates, classes, [])
 
 
+def read_shard_set(path: Path, options: argparse.Namespace) -> Source:
+    """The samples of a shard set in reading order: where each image's bytes are, its label and the
+    source its json names (the sample key when it names none). The images are read when prepared."""
+    if options.classes:
+        raise CliError(f"--classes does not apply to a shard set: {path} names its classes in {MANIFEST}")
+    try:
+        shard_set = open_shard_set(path)
+        candidates = []
+        for tar, index in zip(shard_set.tars, shard_set.indexes):
+            with open(tar, "rb") as archive:
+                for sample in read_index(index):
+                    entries = {entry.ext: entry for entry in sample}
+                    data = {}
+                    for ext in ("lab.i32", "json"):
+                        if ext in entries:
+                            archive.seek(entries[ext].offset)
+                            data[ext] = archive.read(entries[ext].size)
+                    key = sample[0].name.partition(".")[0]
+                    label = struct.unpack("<i", data["lab.i32"])[0] if "lab.i32" in data else -1
+                    meta = json.loads(data["json"]) if "json" in data else {}
+                    image = entries.get("jpg", IndexEntry("jpg", 0, 0, None))
+                    candidates.append(Candidate(source=meta.get("source") or key,
+                                                label=label if shard_set.labeled else None,
+                                                member=(str(tar), image.offset, image.size)))
+    except (ShardError, OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise CliError(f"cannot read shard set {path} ({error}): check it with --verify") from None
+    classes = shard_set.classes if shard_set.labeled else None
+    return Source("shards", {"kind": "shards", "path": options.source}, candidates, classes, [])
+
+
+def keep_labels(source: Source, labels: list[int]) -> Source:
+    """Only the candidates whose label is in `labels`, renumbered 0..K-1 in the order of `labels`."""
+    if source.classes is None:
+        raise CliError(f"--keep-labels needs labeled samples, SOURCE {source.description['path']} is unlabeled")
+    unknown = [label for label in labels if label >= len(source.classes)]
+    if unknown:
+        raise CliError(f"--keep-labels {unknown[0]}: SOURCE {source.description['path']} has labels "
+                       f"0..{len(source.classes) - 1}")
+    new_label = {label: i for i, label in enumerate(labels)}
+    candidates = [dataclasses.replace(c, label=new_label[c.label]) for c in source.candidates if c.label in new_label]
+    if not candidates:
+        raise CliError(f"--keep-labels {','.join(map(str, labels))}: SOURCE {source.description['path']} "
+                       "has no sample of these labels")
+    return Source(source.kind, {**source.description, "keep_labels": labels}, candidates,
+                  [source.classes[label] for label in labels], source.skipped)
+
+
 def discover(options: argparse.Namespace) -> Source:
     path = Path(options.source)
     if not path.exists():
         raise CliError(
-            f"SOURCE {path} does not exist: give an image folder, a list file or an IDX images file"
+            f"SOURCE {path} does not exist: give an image folder, a list file, an IDX images file or a shard set"
         )
     kind = options.source_kind or detect_kind(path)
     if kind in ("imagefolder", "folder") and not path.is_dir():
         raise CliError(f"--source-kind {kind} needs a folder, but SOURCE {path} is a file")
+    if kind == "shards" and not (path / MANIFEST).is_file():
+        raise CliError(f"--source-kind shards needs a shard set, but SOURCE {path} has no {MANIFEST}")
     if kind in ("list", "idx") and not path.is_file():
         raise CliError(f"--source-kind {kind} needs a file, but SOURCE {path} is a folder")
     if options.labels and kind != "idx":
         raise CliError(f"--labels only applies to IDX sources, SOURCE {path} is a {kind}")
-    readers = {"imagefolder": list_image_folder, "folder": list_folder, "list": read_list, "idx": read_idx}
+    readers = {"imagefolder": list_image_folder, "folder": list_folder, "list": read_list, "idx": read_idx,
+               "shards": read_shard_set}
     source = readers[kind](path, options)
+    if options.keep_labels:
+        source = keep_labels(source, options.keep_labels)
     if not source.candidates:
         raise CliError(
             f"no images found in SOURCE {path} ({kind}): point SOURCE at the images or fix --source-kind"
@@ -479,6 +543,11 @@ def prepare_file(path: str, max_side: int | None, quality: int) -> Prepared | Sk
         return Skipped("missing file")
     except OSError as error:
         return Skipped(f"unreadable file ({error.strerror})")
+    return prepare_encoded(encoded, max_side, quality)
+
+
+def prepare_encoded(encoded: bytes, max_side: int | None, quality: int) -> Prepared | Skipped:
+    """An encoded image checked, and kept as it is when it is an RGB JPEG needing no change."""
     if not encoded:
         return Skipped("empty file")
     image = _open_checked(encoded)
@@ -503,6 +572,15 @@ def prepare(candidate: Candidate, max_side: int | None, quality: int) -> Prepare
         height, width = candidate.shape
         grey = Image.frombytes("L", (width, height), candidate.pixels)
         return _encode(fit_within(grey.convert("RGB"), max_side), quality)
+    if candidate.member is not None:
+        tar, offset, size = candidate.member
+        try:
+            with open(tar, "rb") as archive:
+                archive.seek(offset)
+                encoded = archive.read(size)
+        except OSError as error:
+            return Skipped(f"unreadable file ({error.strerror})")
+        return prepare_encoded(encoded, max_side, quality)
     return prepare_file(candidate.path, max_side, quality)
 
 
@@ -694,6 +772,7 @@ def build_manifest(
             "quality": options.quality,
             "limit": options.limit,
             "source_kind": source.kind,
+            "keep_labels": options.keep_labels,
         },
     }
 
@@ -725,7 +804,7 @@ def make_shards(options: argparse.Namespace) -> list[str]:
     source_path, out_dir = Path(options.source), Path(options.out_dir)
     if not source_path.exists():
         raise CliError(
-            f"SOURCE {source_path} does not exist: give an image folder, a list file or an IDX images file"
+            f"SOURCE {source_path} does not exist: give an image folder, a list file, an IDX images file or a shard set"
         )
     check_out_dir(out_dir, source_path, options.force)
     source = discover(options)
@@ -787,6 +866,13 @@ def _quality(text: str) -> int:
     return value
 
 
+def _label_list(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of distinct integer labels")
+    return [int(part) for part in parts]
+
+
 def _class_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     if not all(names) or len(set(names)) != len(names):
@@ -801,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "source", nargs="?", metavar="SOURCE", help="image folder, list file or IDX images file"
+        "source", nargs="?", metavar="SOURCE", help="image folder, list file, IDX images file or shard set"
     )
     parser.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help="directory to write the shard set to")
     parser.add_argument(
@@ -811,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-kind",
         choices=SOURCE_KINDS,
         metavar="KIND",
-        help="imagefolder, folder, list or idx (default: detected)",
+        help="imagefolder, folder, list, idx or shards (default: detected)",
     )
     parser.add_argument("--name", help="shard file prefix (default: OUT_DIR's name)")
     parser.add_argument(
@@ -845,6 +931,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--classes", type=_class_list, metavar="A,B,...", help="comma list of class names, indexed by label"
+    )
+    parser.add_argument(
+        "--keep-labels",
+        type=_label_list,
+        metavar="L,L,...",
+        help="keep only the samples of these labels, renumbered 0..K-1 in this order",
     )
     parser.add_argument("--force", action="store_true", help="overwrite the shards in a non-empty OUT_DIR")
     return parser
