@@ -137,14 +137,21 @@ def set_up(config: Config) -> Training:
 
     run = RunCheckpoints.for_run(config, accelerator)
     start_step = run.resume(config.resume, config, accelerator, train_stack, model) if config.resume else 0
+    # e.g. colorization's colour prior: estimated by a fresh run, restored from the checkpoint on resume
+    statistics = (fit_data_statistics(model, recipe, config, accelerator)
+                  if start_step == 0 and model.data_statistics_batches else None)
     if accelerator.is_main_process:
         run.write_config(config, recipe, runtime=runtime_settings(config, accelerator, batch_norm_note))
         for task, permutations in train_stack.pretext.permutations.items():  # the set a jigsaw run drew from
             atomic_write_text(run.root / f"{task}_permutations.json", json.dumps(permutations.tolist()))
+        for file_name, text in model.run_files().items():  # e.g. colorization's colour prior
+            atomic_write_text(run.root / file_name, text)
         accelerator.print(recipe.describe())
         accelerator.print(f"{config.method} | {config.backbone} | {world} process(es) x batch {config.batch_size} "
                           f"| {steps_per_epoch} steps/epoch | {total_steps} steps | lr {lr:.4g} | run {run.root}")
         accelerator.print(f"{accelerator.device.type} | mixed precision {config.mixed_precision} | {batch_norm_note}")
+        if statistics:
+            accelerator.print(statistics)
         cores = cores_per_process(world)
         if accelerator.device.type == "cpu" and torch.get_num_threads() < cores:
             # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: 1.7x slower on 2 cores
@@ -157,6 +164,17 @@ def set_up(config: Config) -> Training:
                     optimizer=optimizer, train_stack=train_stack, monitor=monitor, run=run, logger=logger, lr=lr,
                     lr_schedule=lr_schedule, wd_schedule=wd_schedule, total_steps=total_steps,
                     start_step=start_step)
+
+
+def fit_data_statistics(model, recipe, config: Config, accelerator) -> str:
+    """A fresh run's statistics of its training data (`Method.data_statistics`): the method's first
+    `data_statistics_batches` batches of a pass of their own (the run's recipe and seed; the training
+    stack is not touched) over this rank's share of --data, summed over the batches and the ranks."""
+    stack = InputStack(recipe, config.data, config.batch_size, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, seed=config.seed, device=accelerator.device,
+                       num_threads=config.data_threads)
+    total = sum(model.data_statistics(next(stack)) for _ in range(model.data_statistics_batches))
+    return model.fit_data_statistics(accelerator.reduce(total, reduction="sum"))
 
 
 def train(t: Training) -> int:
@@ -268,7 +286,8 @@ def finish(t: Training, completed: bool) -> int:
     if completed and t.accelerator.is_main_process:
         path = t.run.export_backbone(t.model.eval_backbone, t.config,
                                      parse_options(t.config.backbone_options, "--backbone-options"),
-                                     input_size=t.recipe.groups[0].size)
+                                     input_size=t.recipe.groups[0].size,
+                                     **({"input": "lightness"} if t.recipe.lightness_input else {}))
         t.accelerator.print(f"backbone written to {path}")
     t.logger.close()
     t.accelerator.wait_for_everyone()

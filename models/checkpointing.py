@@ -207,10 +207,11 @@ class RunCheckpoints:
         return meta["step"]
 
     def export_backbone(self, backbone: torch.nn.Module, config, model_kwargs: dict | None = None,
-                        input_size: int | None = None) -> Path:
-        """`export_backbone` into the run directory."""
+                        input_size: int | None = None, **extra) -> Path:
+        """`export_backbone` into the run directory (`extra`: e.g. "input": "lightness" for a backbone that
+        trained on lightness, which the evaluation tools then feed it)."""
         return export_backbone(self.root, backbone, timm_name=config.backbone, method=config.method,
-                               model_kwargs=model_kwargs, input_size=input_size)
+                               model_kwargs=model_kwargs, input_size=input_size, **extra)
 
 
 def _checkpoint_path(path: Path) -> Path:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
+from pipelines.spec import Lab
 
 # The 8 neighbours of the centre cell of a 3x3 grid, row-major: label k is the patch at NEIGHBOURS[k]
 # (0 top-left, 1 top, 2 top-right, 3 left, 4 right, 5 bottom-left, 6 bottom, 7 bottom-right)
@@ -232,6 +233,40 @@ def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: t
     return PretextInputs(pairs, labels)
 
 
+# ------------------------------------------------------------------------------------------- colorization
+
+
+LIGHTNESS_CHANNELS = 3  # the centred lightness is replicated to an RGB backbone's 3 input channels
+
+
+def centred_lightness(lightness: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) CIE L in [0, 100] -> the backbone's input (L - 50) / 50 in [-1, 1], (B, 3, S, S)."""
+    return ((lightness - 50.0) / 50.0).repeat(1, LIGHTNESS_CHANNELS, 1, 1)
+
+
+def to_lab(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) sRGB in [0, 1] (clamped: interpolation overshoots a little) -> CIE Lab (D65), float32."""
+    import kornia
+
+    return kornia.color.rgb_to_lab(images.float().clamp(0.0, 1.0))
+
+
+def lab_inputs(images: torch.Tensor, spec: Lab) -> PretextInputs:
+    """Colorization's input: images the centred lightness (`centred_lightness`), labels the ab channels
+    (B, 2, S, S) in Lab units."""
+    lab = to_lab(images)
+    return PretextInputs(centred_lightness(lab[:, :1]), lab[:, 1:])
+
+
+def lightness_views(views: list[torch.Tensor], pretext: dict[str, PretextInputs]) -> list[torch.Tensor]:
+    """Every group's views as the centred lightness a colorization backbone sees (a recipe's
+    `lightness_input`); group 0's is colorization's pretext input when the batch has it (no second
+    conversion)."""
+    made = pretext.get("colorization")
+    return [made.images if index == 0 and made is not None else centred_lightness(to_lab(group)[:, :1])
+            for index, group in enumerate(views)]
+
+
 # ------------------------------------------------------------------------------------------ the stack's part
 
 
@@ -255,6 +290,8 @@ class PretextStage:
                 made[task.task] = jigsaw(images, task, self.permutations.get(task.task), generator)
             elif isinstance(task, RelativeLocation):
                 made[task.task] = relative_location(images, task, generator)
+            elif isinstance(task, Lab):
+                made[task.task] = lab_inputs(images, task)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return made

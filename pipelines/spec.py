@@ -258,6 +258,26 @@ PRETEXT_SPECS = {"rotation": Rotation, "jigsaw": Jigsaw, "relloc": RelativeLocat
 
 
 @dataclass(frozen=True)
+class Lab:
+    """Zhang, Isola & Efros's colorization input: the crop, RGB in [0, 1] (the recipe does not normalise),
+    converted to CIE Lab (D65) by Kornia's `rgb_to_lab`. The backbone sees the lightness centred and
+    scaled, (L - 50) / 50 in [-1, 1], replicated to 3 channels (any RGB backbone takes it as it is); the
+    target is the ab channels (B, 2, S, S) in Lab units, at the crop's resolution (the method downsamples)."""
+
+    task: str = field(default="colorization", init=False)
+
+    def for_crop(self, size: int) -> Lab:
+        return self
+
+    def describe(self) -> str:
+        return "colorization: input (L - 50) / 50 in 3 channels, target ab (B, 2, S, S) (Kornia rgb_to_lab, D65)"
+
+
+PRETEXT_TASKS += ("colorization",)
+PRETEXT_SPECS["colorization"] = Lab
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything the input stack needs to turn a decoded image into views.
 
@@ -278,6 +298,9 @@ class Recipe:
     small_global_scale: tuple[float, float] | None = None
     # pretext-task inputs made from group 0's views after the photometric pass (`pipelines.pretext`)
     pretext: tuple[Rotation | Jigsaw | RelativeLocation, ...] = ()
+    # the views the backbone sees are the centred lightness of the photometric output, (L - 50) / 50 in 3
+    # channels (`pipelines.pretext.lightness_views`): what a colorization backbone trains and is evaluated on
+    lightness_input: bool = False
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -296,6 +319,8 @@ class Recipe:
             task.for_crop(self.groups[0].size)
         if len({task.task for task in self.pretext}) != len(self.pretext):
             raise RecipeError(f"recipe {self.name}: each pretext task may appear once")
+        if (self.lightness_input or any(isinstance(task, Lab) for task in self.pretext)) and self.mean is not None:
+            raise RecipeError(f"recipe {self.name}: Lab needs RGB in [0, 1]: give no mean and std (normalisation)")
 
     @property
     def num_views(self) -> int:
@@ -359,6 +384,8 @@ class Recipe:
             m = self.masking
             lines.append(f"  masking: {m.kind} ratio={m.ratio} patch={m.patch_size} on {m.views} view(s)")
         lines += [f"  pretext {task.describe()}" for task in self.pretext]
+        if self.lightness_input:
+            lines.append("  input: lightness (L - 50) / 50 in 3 channels, for training and evaluation")
         return "\n".join(lines)
 
 
@@ -484,6 +511,9 @@ PRESETS: dict[str, Recipe] = {
                      pretext=(Jigsaw(),), notes="grey with p 0.66 against the chromatic-aberration shortcut"),
     "relloc": Recipe("relloc", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),), pretext=(RelativeLocation(),)),
     "multitask": Recipe("multitask", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),)),
+    # Zhang et al.: 224-px crops and flips of colour images, no photometric ops; the backbone sees lightness
+    "colorization": Recipe("colorization", (ViewGroup(1, 224, (0.5, 1.0), (NO_PHOTOMETRIC,)),), mean=None, std=None,
+                           pretext=(Lab(),), lightness_input=True),
 }
 
 

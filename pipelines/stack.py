@@ -18,6 +18,7 @@ from pipelines.dali_stage import DaliConfig, build_iterator
 from pipelines.masking import make_masks
 from pipelines.photometric import PhotometricStage
 from pipelines.pretext import PretextInputs, PretextStage
+from pipelines.pretext import lightness_views
 from pipelines.shards import ShardError, ShardSet, open_shard_set
 from pipelines.spec import Recipe
 
@@ -174,6 +175,8 @@ class InputStack:
             size = self.recipe.groups[0].size
             masks = make_masks(self.recipe.masking, self.batch_size, size, self.generator, device)
         pretext = self.pretext(views[0], self.generator) if self.recipe.pretext else {}
+        if self.recipe.lightness_input:  # a colorization backbone sees lightness, in training and evaluation
+            views = lightness_views(views, pretext)
         return Batch(
             views=views,
             boxes=boxes,

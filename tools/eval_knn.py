@@ -8,8 +8,9 @@
 
 Features come from the input stack with an evaluation recipe: each image once, un-augmented; crops
 of 64 px or less see the whole image, larger ones resize 256 / centre-crop 224 (in proportion), at the
-size the backbone was trained at (`--size` overrides). The train shards are the memory bank; top-1 and
-top-5 are reported on the val shards. `--layer` scores features of intermediate layers instead of
+size the backbone was trained at (`--size` overrides), in the input it trained on (a colorization
+backbone, "input": "lightness" in backbone.json: (L - 50) / 50 in 3 channels). The train shards are
+the memory bank; top-1 and top-5 are reported on the val shards. `--layer` scores features of intermediate layers instead of
 (or beside: "final") the pooled output, all from one pass over each split: a ResNet's stem and stages
 (`stem layer1 .. layer4`) average-pooled to a grid of at most 9216 values, a ViT's blocks (`block0` ..)
 as the mean of their patch tokens (models/backbones.py, `LayerFeatures`). In place of a backbone,
@@ -69,6 +70,8 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
                 "model_kwargs": parse_options(config.get("backbone_options"), "--backbone-options"),
                 "input_size": _first_crop_size(config["multicrop"])}
         prefix = method_class(config["method"]).EVAL_BACKBONE + "."
+        if lightness_preset(config["method"]):  # what backbone.json records for an exported run
+            info["input"] = "lightness"
         weights_file = path / "model.safetensors"
     elif (path / "backbone.json").is_file():
         info = json.loads((path / "backbone.json").read_text())
@@ -92,6 +95,14 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
     return backbone.eval(), info
 
 
+def lightness_preset(method: str) -> bool:
+    """Whether `method`'s recipe feeds the backbone lightness (colorization) rather than RGB."""
+    from models.methods import method_class
+    from pipelines.spec import preset
+
+    return preset(method_class(method).recipe_preset).lightness_input
+
+
 def _first_crop_size(multicrop: str) -> int:
     return int(multicrop.split("+")[0].split("@")[0].split("x")[1])
 
@@ -112,6 +123,10 @@ def _stack(info: dict, shards, size: int, batch_size: int, device):
     recipe = preset(method_class(info.get("method", "swav")).recipe_preset).with_multicrop(f"1x{size}")
     if not info.get("normalise", True):
         recipe = dataclasses.replace(recipe, mean=None, std=None)
+    if "input" in info:  # backbone.json's record of the input the backbone trained on wins over the preset's
+        lightness = info["input"] == "lightness"
+        recipe = dataclasses.replace(recipe, lightness_input=lightness,
+                                     **({"mean": None, "std": None} if lightness else {}))
     return evaluation_stack(recipe, shards, batch_size, device=torch.device(device))
 
 

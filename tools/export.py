@@ -3,7 +3,8 @@
     python tools/export.py runs/swav-x/checkpoints/step-00000500 --out exported/swav-step500
 
 writes OUT/backbone.safetensors and OUT/backbone.json (timm name, stem, timm keyword arguments, input
-size, method). Load it with timm (stems other than "cifar" load into the stock model):
+size, method; "input": "lightness" for a backbone that trained on lightness, colorization's). Load it
+with timm (stems other than "cifar" load into the stock model):
 
     import json, timm
     info = json.load(open("exported/swav-step500/backbone.json"))
@@ -32,7 +33,7 @@ def export(source: str | Path, out: str | Path) -> Path:
     backbone, info = load_backbone(source)
     return export_backbone(Path(out), backbone, timm_name=info["timm_name"], method=info.get("method"),
                            model_kwargs=info.get("model_kwargs"), input_size=info.get("input_size"),
-                           source=str(source))
+                           **({"input": info["input"]} if "input" in info else {}), source=str(source))
 
 
 def main(argv=None) -> int:

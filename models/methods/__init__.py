@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.methods.barlowtwins import BarlowTwins
 from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
+from models.methods.colorization import Colorization
 from models.methods.dino import DINO
 from models.methods.jigsaw import JigsawMethod
 from models.methods.mae import MAE
@@ -24,6 +25,7 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM,
                               RotNet, JigsawMethod, RelativeLocationMethod, MultiTask)
 }
+METHODS[Colorization.name] = Colorization
 
 
 def method_class(name: str) -> type[Method]:

@@ -238,6 +238,23 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Per-iteration weight decay, or None for a constant one."""
         return None
 
+    # Statistics of the training data a method needs before its first step (colorization's colour prior): a
+    # fresh run reads `data_statistics_batches` batches of a separate pass over the training shards, sums
+    # `data_statistics(batch)` over them and over ranks, and hands the sum to `fit_data_statistics`, which
+    # keeps what it needs in buffers (checkpointed: a resumed run restores them, nothing is re-estimated)
+    # and returns a line for the start-up print. 0: the method needs none.
+    data_statistics_batches: int = 0
+
+    def data_statistics(self, batch) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} reads no statistics of the training data")
+
+    def fit_data_statistics(self, total: torch.Tensor) -> str:
+        raise NotImplementedError(f"{self.name} reads no statistics of the training data")
+
+    def run_files(self) -> dict[str, str]:
+        """Files (name: text) a run writes into its directory at start-up, from the method's state."""
+        return {}
+
 
 class MaskedImageMethod(Method):
     """A ViT trained on patch masks the input stack draws (MAE, SIM): positions are fixed 2-D sin-cos
