@@ -4,6 +4,7 @@
     runs/<name>/metrics.jsonl            one JSON record per log step (TensorBoard events beside it)
     runs/<name>/checkpoints/step-XXXXXXXX/   Accelerate state + input-stack state and the method's
                                          per-rank buffers (e.g. SwAV's queue), one file per rank + meta.json
+                                         and the method's own optimizers (method_state.pt)
     runs/<name>/backbone.safetensors     the backbone's weights (timm names) + backbone.json
 
 A checkpoint is written into a temporary directory and renamed when every rank has finished, so a
@@ -41,6 +42,9 @@ def _stack_file(rank: int) -> str:
 
 def _per_rank_file(rank: int) -> str:
     return f"method_rank{rank}.pt"
+
+
+METHOD_STATE = "method_state.pt"  # the method's `checkpoint_state` (its own optimizers), from the main process
 
 
 def package_versions() -> dict[str, str]:
@@ -147,6 +151,9 @@ class RunCheckpoints:
             per_rank = model.per_rank_state()
             if per_rank:  # Accelerate saves the model from the main process only
                 torch.save(per_rank, temporary / _per_rank_file(accelerator.process_index))
+            own = model.checkpoint_state()  # replicated: the main process's copy serves every rank
+            if own and accelerator.is_main_process:
+                torch.save(own, temporary / METHOD_STATE)
             if accelerator.is_main_process:
                 meta = {"step": step, "num_processes": accelerator.num_processes,
                         "device": accelerator.device.type, "config": dataclasses.asdict(config)}
@@ -202,6 +209,11 @@ class RunCheckpoints:
                 raise CheckpointError(f"--resume {path}: {per_rank.name} is missing (the method keeps state per "
                                       f"process): resume from a complete checkpoint")
             model.load_per_rank_state(torch.load(per_rank, weights_only=True, map_location="cpu"))
+        if model.checkpoint_state():
+            if not (path / METHOD_STATE).is_file():
+                raise CheckpointError(f"--resume {path}: {METHOD_STATE} is missing (the method keeps optimizers of "
+                                      f"its own): resume from a complete checkpoint")
+            model.load_checkpoint_state(torch.load(path / METHOD_STATE, weights_only=True, map_location="cpu"))
         self.resumed_step = meta["step"]
         accelerator.print(f"resumed from {path} at step {meta['step']}")
         return meta["step"]

@@ -1,7 +1,8 @@
 """Patch masks for masked-image methods, drawn on the training device without host round trips.
 
 A mask is a bool tensor (B, grid * grid), row-major over patches, True = hidden from the encoder.
-Both kinds mask exactly `num_masked` patches per sample.
+Every kind masks exactly `num_masked` patches per sample: `random` and `block` anywhere, `center` as the
+centred square (the context encoder's hole).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from pipelines.spec import Masking
+from pipelines.spec import Masking, center_square
 
 
 def random_masks(batch: int, grid: int, num_masked: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -74,11 +75,21 @@ def _top_up(mask: torch.Tensor, num_masked: int, generator: torch.Generator) -> 
     return ranks < num_masked
 
 
+def center_masks(batch: int, grid: int, side: int, device) -> torch.Tensor:
+    """The centred `side` x `side` square of the grid, the same for every sample (no random draw)."""
+    start = (grid - side) // 2
+    cells = torch.arange(grid, device=device)
+    inside = (cells >= start) & (cells < start + side)
+    return (inside.view(grid, 1) & inside.view(1, grid)).view(1, -1).expand(batch, -1).clone()
+
+
 def make_masks(masking: Masking, batch: int, crop_size: int, generator: torch.Generator, device) -> torch.Tensor:
     """Masks for `masking.views` views of `batch` samples each: (views * batch, grid * grid), view-major."""
     grid = masking.grid(crop_size)
     count = masking.num_masked(crop_size)
     total = masking.views * batch
+    if masking.kind == "center":
+        return center_masks(total, grid, center_square(grid, count), device)
     if masking.kind == "random":
         return random_masks(total, grid, count, generator, device)
     return block_masks(

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
+from pipelines.spec import Inpainting
+from pipelines.masking import make_masks
 from pipelines.spec import Lab
 
 # The 8 neighbours of the centre cell of a 3x3 grid, row-major: label k is the patch at NEIGHBOURS[k]
@@ -37,7 +39,8 @@ class PretextInputs:
     (position j of sample i is row i * T + j), labels (B,) the permutation's index in the set, `order`
     (B, T) the tile each position shows. relloc: images (2P, C, p, p), the P centre patches then their P
     neighbours, labels (P,) the neighbour's position 0-7 (`NEIGHBOURS`); P = B, or 8B sample-major with
-    `all_pairs`.
+    `all_pairs`. inpainting: images (B, C, S, S) the crops with their hole filled, labels (B, S, S) bool the
+    hole (True = filled).
     """
 
     images: torch.Tensor
@@ -267,6 +270,20 @@ def lightness_views(views: list[torch.Tensor], pretext: dict[str, PretextInputs]
             for index, group in enumerate(views)]
 
 
+# ------------------------------------------------------------------------------------------------ inpainting
+
+
+def inpaint(images: torch.Tensor, spec: Inpainting, generator: torch.Generator) -> PretextInputs:
+    """The context encoder's input: each crop with its hole (a mask of `pipelines.masking`, cells of
+    crop // grid px) filled with `spec.fill`; labels the hole per pixel, (B, S, S) bool, True = filled."""
+    b, size = images.shape[0], images.shape[-1]
+    masking = spec.masking(size)
+    grid, cell = masking.grid(size), masking.patch_size
+    cells = make_masks(masking, b, size, generator, images.device).view(b, grid, grid)
+    hole = cells.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
+    return PretextInputs(images.masked_fill(hole.unsqueeze(1), spec.fill), hole)
+
+
 # ------------------------------------------------------------------------------------------ the stack's part
 
 
@@ -292,6 +309,8 @@ class PretextStage:
                 made[task.task] = relative_location(images, task, generator)
             elif isinstance(task, Lab):
                 made[task.task] = lab_inputs(images, task)
+            elif isinstance(task, Inpainting):
+                made[task.task] = inpaint(images, task, generator)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return made

@@ -277,6 +277,64 @@ PRETEXT_TASKS += ("colorization",)
 PRETEXT_SPECS["colorization"] = Lab
 
 
+def center_square(grid: int, count: int) -> int:
+    """The side (in cells) of the centred square of `count` cells of a `grid` x `grid` grid (the `center`
+    mask kind); RecipeError when `count` is not a square whose border is the same on both sides."""
+    side = math.isqrt(count)
+    if side * side != count or (grid - side) % 2:
+        raise RecipeError(f"center mask: {count} of {grid}x{grid} cells are not a centred square; choose a ratio "
+                          f"and grid with ratio * grid² = side² and grid - side even (0.25 with a grid divisible by 4)")
+    return side
+
+
+MASK_KINDS += ("center",)  # the central square of round(ratio * grid²) cells (`center_square`)
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """Pathak et al.'s context-encoder input: a hole cut out of the crop and filled with `fill`, in the
+    space the backbone sees: 0 is the recipe's mean pixel when it normalises (the inpainting preset uses the
+    ImageNet mean and std, so the hole shows the ImageNet mean colour, as the paper fills its hole). The
+    hole is a mask of the masking module (`pipelines.masking`) on a `grid` x `grid` grid of cells of
+    crop // grid px: `center` the centred square of `ratio` of the area (0.25: half the side, the paper's
+    64-px hole in a 128-px crop), `random` round(ratio * grid²) cells at random (the paper's random
+    blocks), `block` BEiT-style rectangles of cells topped up at random to that count. The method
+    reconstructs the hole and an `overlap`-px ring of context around it (None: 4 px per 128 px of crop,
+    the paper's 4 px at 128; 1 px at 32)."""
+
+    mask: str = "center"
+    ratio: float = 0.25
+    grid: int = 8
+    overlap: int | None = None
+    fill: float = 0.0
+    task: str = field(default="inpainting", init=False)
+
+    def masking(self, size: int) -> Masking:
+        """The masking-module spec of the hole on a `size`-px crop (cells of size // grid px)."""
+        return Masking(self.mask, self.ratio, patch_size=max(size // self.grid, 1), min_block_patches=4)
+
+    def for_crop(self, size: int) -> Inpainting:
+        if self.grid < 2 or size % self.grid:
+            raise RecipeError(f"inpainting grid={self.grid}: the {size}-px crop must split into grid x grid cells "
+                              f"of whole pixels: choose a grid of 2 or more that divides {size}")
+        masking = self.masking(size)
+        if self.mask == "center":
+            center_square(self.grid, masking.num_masked(size))
+        overlap = self.overlap if self.overlap is not None else round(size * 4 / 128)
+        if overlap < 0:
+            raise RecipeError(f"inpainting overlap={overlap}: give 0 or more pixels")
+        return dataclasses.replace(self, overlap=overlap)
+
+    def describe(self) -> str:
+        overlap = "4 px per 128" if self.overlap is None else f"{self.overlap} px"
+        return (f"inpainting: {self.mask} hole, {self.ratio:g} of a {self.grid}x{self.grid} grid, filled with "
+                f"{self.fill:g}; reconstructed with a {overlap} overlap ring")
+
+
+PRETEXT_TASKS += ("inpainting",)
+PRETEXT_SPECS["inpainting"] = Inpainting
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything the input stack needs to turn a decoded image into views.
@@ -514,6 +572,10 @@ PRESETS: dict[str, Recipe] = {
     # Zhang et al.: 224-px crops and flips of colour images, no photometric ops; the backbone sees lightness
     "colorization": Recipe("colorization", (ViewGroup(1, 224, (0.5, 1.0), (NO_PHOTOMETRIC,)),), mean=None, std=None,
                            pretext=(Lab(),), lightness_input=True),
+    # Pathak et al.: a 128-px square crop (their random 128-px crop of the image resized to 350 px; here a
+    # random-resized crop of half the image or more, as the other pretext presets) and a flip, no colour ops
+    "inpainting": Recipe("inpainting", (ViewGroup(1, 128, (0.5, 1.0), (NO_PHOTOMETRIC,), ratio=(1.0, 1.0)),),
+                         pretext=(Inpainting(),)),
 }
 
 

@@ -7,6 +7,7 @@ from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
 from models.methods.colorization import Colorization
 from models.methods.dino import DINO
+from models.methods.inpainting import ContextEncoder
 from models.methods.jigsaw import JigsawMethod
 from models.methods.mae import MAE
 from models.methods.mocov1 import MoCoV1
@@ -23,7 +24,7 @@ from models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM,
-                              RotNet, JigsawMethod, RelativeLocationMethod, MultiTask)
+                              RotNet, JigsawMethod, RelativeLocationMethod, MultiTask, ContextEncoder)
 }
 METHODS[Colorization.name] = Colorization
 

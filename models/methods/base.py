@@ -195,6 +195,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             raise KeyError(f"per-rank state lacks {', '.join(sorted(missing))}")
         self.load_state_dict(state, strict=False)  # through the modules' load hooks (shapes, host mirrors)
 
+    def checkpoint_state(self) -> dict:
+        """State outside the module's parameters and buffers that an exact resume needs and that is the same
+        on every rank: the optimizers a method owns besides the loop's (a discriminator's Adam). Checkpoints
+        save it from the main process (`method_state.pt`) and every rank restores it on resume
+        (`load_checkpoint_state`); tensors, numbers, strings and containers of them only (weights_only=True)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        pass
+
     def before_optimizer_step(self, progress: Progress) -> None:
         pass
 
