@@ -31,7 +31,7 @@ from models.training import (Config, StepSignals, cores_per_process, optimizer_s
                              time_share)
 from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.files import atomic_write_text
-from pipelines.shards import ShardError, open_shard_set
+from pipelines.shards import ShardError, open_shard_set, sample_labels
 from pipelines.spec import RecipeError
 from pipelines.stack import InputStack
 
@@ -111,10 +111,14 @@ def set_up(config: Config) -> Training:
     except TypeError as error:  # an option the method or the timm model does not take
         raise ConfigError(f"--method-options {config.method_options} / --backbone-options "
                           f"{config.backbone_options}: {error}") from None
+    if config.knn_bank == "memory" and method.memory_bank() is None:
+        raise ConfigError(f"--knn-bank memory: {config.method} keeps no memory bank (methods that do: "
+                          f"{', '.join(memory_bank_methods())}); use --knn-bank features")
     recipe = method.adapt_recipe(recipe)
     train_stack = InputStack(recipe, config.data, config.batch_size, rank=rank, world_size=world,
                              seed=config.seed, device=accelerator.device, num_threads=config.data_threads,
-                             need_labels=method.needs_labels)
+                             need_labels=method.needs_labels, sample_indices=method.needs_sample_indices)
+    method.adapt_to_data(train_stack.shards.num_samples)  # per-sample state (a memory bank), before DDP and resume
     val_shards = knn_monitor_data(config, accelerator)
     monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 
@@ -159,7 +163,7 @@ def set_up(config: Config) -> Training:
                               f"pass accelerate launch --num_cpu_threads_per_process {cores} (or set OMP_NUM_THREADS)")
     logger = run.logger(accelerator)
     if monitor:
-        monitor.random_init_baseline(model.eval_backbone, start_step, logger)
+        monitor.random_init_baseline(model, start_step, logger)
     return Training(config=config, recipe=recipe, accelerator=accelerator, method=method, model=model,
                     optimizer=optimizer, train_stack=train_stack, monitor=monitor, run=run, logger=logger, lr=lr,
                     lr_schedule=lr_schedule, wd_schedule=wd_schedule, total_steps=total_steps,
@@ -244,7 +248,7 @@ def train(t: Training) -> int:
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if t.monitor and evaluate_now:
-                summary["knn_top1"] = t.monitor.evaluate(t.model.eval_backbone)
+                summary["knn_top1"] = t.monitor.evaluate_method(t.model)
                 summary["knn_random_init"] = t.monitor.baseline
                 t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
@@ -342,9 +346,15 @@ class KnnMonitor:
     `bank_dtype`: float16 on CUDA) and classifies its share of the queries; the correct counts are
     summed across ranks, so every rank returns the same accuracy. `baseline` is the accuracy of the
     randomly initialised backbone (None until `random_init_baseline`, or for a resumed run without it).
+
+    `--knn-bank memory`: the method's own memory bank (`Method.memory_bank`: NPID, decoupling) is the bank,
+    with the labels of --data read from its shards, and the queries are embedded by the method's bank
+    encoder: NPID's protocol, k=200, T=0.07 on the bank vectors, no pass over --data. At random init the
+    bank is random vectors, so the baseline is chance.
     """
 
     K, TEMPERATURE = 20, 0.07
+    MEMORY_BANK_K = 200  # Wu et al.'s kNN on the memory bank
     # the baseline's metrics.jsonl record: {"step": 0, "epoch": 0, "knn_top1_random_init": x}
     BASELINE_KEY = "knn_top1_random_init"
 
@@ -355,8 +365,32 @@ class KnnMonitor:
         batch_size = max(config.batch_size, 256)
         where = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                      device=accelerator.device, num_threads=config.data_threads)
-        self.bank_stack = evaluation_stack(recipe, config.data, batch_size, **where)
+        self.memory_bank = config.knn_bank == "memory"
+        if self.memory_bank:  # the labels of --data in Batch.indices order; no pass over --data
+            labels = sample_labels(open_shard_set(config.data))
+            self.bank_labels = torch.from_numpy(labels).to(accelerator.device)
+        else:
+            self.bank_stack = evaluation_stack(recipe, config.data, batch_size, **where)
         self.query_stack = evaluation_stack(recipe, val_shards, batch_size, **where)
+
+    def evaluate_method(self, model) -> float:
+        """Top-1 in percent of `model` (the unwrapped method): its `eval_backbone`'s features, or with
+        `--knn-bank memory` its memory bank. Every rank must call it."""
+        if self.memory_bank:
+            return self.evaluate_memory_bank(*model.memory_bank())
+        return self.evaluate(model.eval_backbone)
+
+    def evaluate_memory_bank(self, bank: torch.Tensor, encoder) -> float:
+        """Top-1 in percent of the k=200 weighted kNN of the query embeddings against `bank` (replicated: every
+        rank holds it), the same on every rank."""
+        with self.accelerator.autocast():
+            queries = extract_features(encoder, self.query_stack, dtype=torch.float32, normalize=True)
+        scores = knn_predict(bank.detach().float(), self.bank_labels, queries.features, self.num_classes,
+                             self.MEMORY_BANK_K, self.TEMPERATURE)
+        counts = torch.tensor([(scores.argmax(1) == queries.labels).sum().item(), queries.labels.shape[0]],
+                              device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts[0].item() / counts[1].item() * 100
 
     def evaluate(self, backbone) -> float:
         """Top-1 in percent, the same on every rank (each rank must call it)."""
@@ -373,11 +407,11 @@ class KnnMonitor:
         counts = self.accelerator.reduce(counts, reduction="sum")
         return counts[0].item() / counts[1].item() * 100
 
-    def random_init_baseline(self, backbone, start_step: int, logger) -> None:
-        """A fresh run (`start_step` 0) evaluates the backbone before its first step and logs it at step
-        0; a resumed run reads that record back from its metrics.jsonl (every rank gets rank 0's)."""
+    def random_init_baseline(self, model, start_step: int, logger) -> None:
+        """A fresh run (`start_step` 0) evaluates the method before its first step (`evaluate_method`) and logs
+        it at step 0; a resumed run reads that record back from its metrics.jsonl (every rank gets rank 0's)."""
         if start_step == 0:
-            self.baseline = self.evaluate(backbone)
+            self.baseline = self.evaluate_method(model)
             logger.log({"step": 0, "epoch": 0, self.BASELINE_KEY: self.baseline})
             self.accelerator.print(f"kNN top-1 at random init: {self.baseline:.2f}%")
             return
@@ -426,6 +460,14 @@ class LearningCheck:
             start = sum(self.start_losses) / len(self.start_losses)
             found.append(flat_loss_warning(start, summary["mean_loss"], share_done, self.MIN_LOSS_CHANGE))
         return [warning for warning in found if warning]
+
+
+def memory_bank_methods() -> list[str]:
+    """The registered methods that keep a memory bank (`Method.memory_bank` overridden)."""
+    from models.methods import METHODS
+    from models.methods.base import Method
+
+    return sorted(name for name, cls in METHODS.items() if cls.memory_bank is not Method.memory_bank)
 
 
 def knn_warning(knn: float | None, baseline: float | None) -> str | None:

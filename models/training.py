@@ -24,6 +24,9 @@ from pipelines.shards import DEMO_TRAIN, DEMO_VAL
 from pipelines.spec import preset
 
 
+KNN_BANKS = ("features", "memory")
+
+
 @dataclass
 class Config:
     method: str = "swav"
@@ -59,6 +62,9 @@ class Config:
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions, cuDNN autotuning (float32 runs and autocast)
     sync_bn: bool | None = None  # several GPUs: SyncBatchNorm; None: as the method's recipe says
     eval_every: int = 1  # epochs between kNN evaluations (and always at the end); 0: only at the end
+    # the kNN monitor's bank: features (the backbone's features of --data, k=20) or memory (the method's memory
+    # bank, NPID's protocol: k=200 on the bank vectors; npid, decoupling)
+    knn_bank: str = "features"
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and always at the end)
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -70,7 +76,7 @@ class Config:
     # `--resume runs/x` needs neither, and a moved or copied run directory resumes)
     RESUMABLE_DIFFERENCES = ("resume", "config", "name", "output_dir", "max_steps", "time_limit", "epochs",
                              "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "data_threads",
-                             "compile", "log_keys", "tf32")
+                             "compile", "log_keys", "tf32", "knn_bank")
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -106,6 +112,8 @@ def parse_config(argv=None, description: str | None = None) -> Config:
     precision = values.get("mixed_precision")
     if precision is not None and precision not in MIXED_PRECISION:
         raise ConfigError(f"--mixed-precision {precision}: use one of {', '.join(MIXED_PRECISION)}")
+    if values.get("knn_bank", Config.knn_bank) not in KNN_BANKS:
+        raise ConfigError(f"--knn-bank {values['knn_bank']}: use one of {', '.join(KNN_BANKS)}")
     limit = values.get("time_limit")
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ConfigError(f"--time-limit {limit}: give a positive number of minutes")

@@ -17,6 +17,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = REPO_ROOT / "shards" / "fashion-mnist-train-10k"
 DEMO_VAL = REPO_ROOT / "shards" / "fashion-mnist-val-2k"
@@ -189,6 +191,65 @@ def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> Sha
         labeled=labeled,
         manifest=manifest,
     )
+
+
+# --- sample positions -------------------------------------------------------------------------------
+
+
+class SamplePositions:
+    """Each sample's fixed position in a shard set, 0..num_samples - 1: the manifest's shard order, then
+    the order of the shard's index (the tar's member order). The same on every rank and in every run of the
+    set, so per-sample state (a memory bank) can be indexed by it.
+
+    Built once from the index files (the JPEG member's byte offset of every sample, one int64 array per
+    tar); `__call__` maps DALI's `source_info` keys ("<tar path>:<offset>:<member>", what `Batch.raw_keys`
+    holds) to positions with a dictionary look-up of the tar and a binary search of the offset. No tar is
+    read."""
+
+    def __init__(self, shards: ShardSet, ext: str = "jpg"):
+        self.root = shards.root
+        self.tar_numbers = {str(tar): number for number, tar in enumerate(shards.tars)}
+        self.starts = np.cumsum([0, *shards.counts[:-1]]).tolist()
+        self.offsets, self.orders = [], []  # per tar: the offsets sorted, and each one's place in the index
+        for index in shards.indexes:
+            offsets = np.asarray([entry.offset for sample in read_index(index) for entry in sample
+                                  if entry.ext == ext], dtype=np.int64)
+            order = np.argsort(offsets, kind="stable")
+            self.offsets.append(offsets[order])
+            self.orders.append(order)
+        self.num_samples = shards.num_samples
+
+    def __call__(self, raw_keys) -> np.ndarray:
+        """Positions (int64) of a batch of keys: `raw_keys` (B, L) uint8, NUL-padded `source_info` strings."""
+        rows = np.asarray(raw_keys)
+        positions = np.empty(rows.shape[0], dtype=np.int64)
+        for row_number, row in enumerate(rows):
+            source = bytes(row).rstrip(b"\0").decode()
+            tar, offset, _ = source.rsplit(":", 2)
+            number = self.tar_numbers.get(tar)
+            offsets = self.offsets[number] if number is not None else None
+            at = int(np.searchsorted(offsets, int(offset))) if offsets is not None else -1
+            if offsets is None or at >= len(offsets) or offsets[at] != int(offset):
+                raise ShardError(f"sample {source} is not in the index files of {self.root}: the shards changed "
+                                 f"while reading; rebuild the index with tools/make_shards.py")
+            positions[row_number] = self.starts[number] + int(self.orders[number][at])
+        return positions
+
+
+def sample_labels(shards: ShardSet) -> np.ndarray:
+    """Every sample's `lab.i32` label (int64, -1 for unlabeled samples), in `SamplePositions` order: 4 bytes
+    read at each sample's index offset, one open file per tar (no image is read)."""
+    labels = np.full(shards.num_samples, -1, dtype=np.int64)
+    at = 0
+    for tar, index in zip(shards.tars, shards.indexes):
+        with open(tar, "rb") as handle:
+            for sample in read_index(index):
+                entry = next((entry for entry in sample if entry.ext == "lab.i32"), None)
+                if entry is not None and entry.size == 4:
+                    handle.seek(entry.offset)
+                    labels[at] = struct.unpack("<i", handle.read(4))[0]
+                at += 1
+    return labels
 
 
 # --- deep verification ------------------------------------------------------------------------------

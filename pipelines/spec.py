@@ -569,6 +569,11 @@ PRESETS: dict[str, Recipe] = {
                      pretext=(Jigsaw(),), notes="grey with p 0.66 against the chromatic-aberration shortcut"),
     "relloc": Recipe("relloc", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),), pretext=(RelativeLocation(),)),
     "multitask": Recipe("multitask", (ViewGroup(1, 255, (0.5, 1.0), (NO_PHOTOMETRIC,)),)),
+    # NPID (lemniscate): one view per image, (0.2, 1) crops, jitter 0.4 with hue 0.4 always, grey 0.2, flip
+    "npid": Recipe("npid", (ViewGroup(1, 224, (0.2, 1.0), (_jitter(0.4, 0.4, 0.4, 0.4, p=1.0),)),),
+                   notes="upstream greys before the jitter; here the stack's fixed order (jitter, then grey)"),
+    # rotation feature decoupling (FeatureDecoupling): RandomResizedCrop(224) and flip, then the four rotations
+    "decoupling": Recipe("decoupling", (ViewGroup(1, 224, (0.08, 1.0), (NO_PHOTOMETRIC,)),), pretext=(Rotation(),)),
     # Zhang et al.: 224-px crops and flips of colour images, no photometric ops; the backbone sees lightness
     "colorization": Recipe("colorization", (ViewGroup(1, 224, (0.5, 1.0), (NO_PHOTOMETRIC,)),), mean=None, std=None,
                            pretext=(Lab(),), lightness_input=True),

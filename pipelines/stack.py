@@ -19,7 +19,7 @@ from pipelines.masking import make_masks
 from pipelines.photometric import PhotometricStage
 from pipelines.pretext import PretextInputs, PretextStage
 from pipelines.pretext import lightness_views
-from pipelines.shards import ShardError, ShardSet, open_shard_set
+from pipelines.shards import SamplePositions, ShardError, ShardSet, open_shard_set
 from pipelines.spec import Recipe
 
 
@@ -31,7 +31,9 @@ class Batch:
     mirrored horizontally after cropping; `image_sizes` holds each original (H, W). `masks` (or None)
     covers the first `recipe.masking.views` views of group 0: (views * B, patches), True = hidden.
     `labels` is -1 for unlabeled samples. `pretext` maps each of the recipe's pretext tasks to its inputs
-    (`pipelines.pretext.PretextInputs`), made from group 0's views.
+    (`pipelines.pretext.PretextInputs`), made from group 0's views. `indices` (int64, on the device) is
+    each sample's fixed position in the shard set (`pipelines.shards.SamplePositions`: the same on every
+    rank and across resume) when the stack was built with `sample_indices=True`, else None.
     """
 
     views: list[torch.Tensor]
@@ -42,6 +44,7 @@ class Batch:
     masks: torch.Tensor | None
     raw_keys: torch.Tensor
     pretext: dict[str, PretextInputs] = field(default_factory=dict)
+    indices: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +96,8 @@ class InputStack:
     """Reads `data` with DALI (rank `rank` of `world_size`) and applies `recipe` on `device`.
 
     `training=False` (feature extraction) reads in shard order without shuffling and keeps the last,
-    partial batch, so one epoch visits every sample exactly once.
+    partial batch, so one epoch visits every sample exactly once. `sample_indices=True` gives every batch
+    its samples' positions in the shard set (`Batch.indices`), from a table built once from the index files.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class InputStack:
         hw_decoder_load: float = 0.65,
         need_labels: bool = False,
         training: bool = True,
+        sample_indices: bool = False,
     ):
         self.recipe = recipe
         self.shards = data if isinstance(data, ShardSet) else open_shard_set(data, need_labels=need_labels)
@@ -138,6 +143,7 @@ class InputStack:
         self.generator.manual_seed((seed * 1_000_003 + rank * 104_729 + 99_991) % (2**63))
         self.photometric = PhotometricStage(recipe, self.device, self.generator)
         self.pretext = PretextStage(recipe.pretext, self.device)
+        self.positions = SamplePositions(self.shards) if sample_indices else None
         self.epoch = 0
         self.step_in_epoch = 0
         self.wait_seconds = 0.0
@@ -177,6 +183,10 @@ class InputStack:
         pretext = self.pretext(views[0], self.generator) if self.recipe.pretext else {}
         if self.recipe.lightness_input:  # a colorization backbone sees lightness, in training and evaluation
             views = lightness_views(views, pretext)
+        raw_keys = outputs["key"].cpu().clone()
+        indices = None
+        if self.positions is not None:
+            indices = torch.from_numpy(self.positions(raw_keys.numpy())).to(device, non_blocking=True)
         return Batch(
             views=views,
             boxes=boxes,
@@ -184,8 +194,9 @@ class InputStack:
             image_sizes=outputs["image_size"].clone(),
             labels=outputs["label"].view(-1).long(),
             masks=masks,
-            raw_keys=outputs["key"].cpu().clone(),
+            raw_keys=raw_keys,
             pretext=pretext,
+            indices=indices,
         )
 
     def state_dict(self) -> dict:

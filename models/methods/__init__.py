@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.methods.barlowtwins import BarlowTwins
 from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
+from models.methods.decoupling import Decoupling
 from models.methods.colorization import Colorization
 from models.methods.dino import DINO
 from models.methods.inpainting import ContextEncoder
@@ -14,6 +15,7 @@ from models.methods.mocov1 import MoCoV1
 from models.methods.mocov2 import MoCoV2
 from models.methods.mocov3 import MoCoV3
 from models.methods.multitask import MultiTask
+from models.methods.npid import NPID
 from models.methods.relloc import RelativeLocationMethod
 from models.methods.rotnet import RotNet
 from models.methods.simclr import SimCLR
@@ -27,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
                               RotNet, JigsawMethod, RelativeLocationMethod, MultiTask, ContextEncoder)
 }
 METHODS[Colorization.name] = Colorization
+METHODS.update({cls.name: cls for cls in (NPID, Decoupling)})
 
 
 def method_class(name: str) -> type[Method]:

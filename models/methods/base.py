@@ -9,7 +9,13 @@ The loop, per iteration:
     method.after_step(progress)                  # weights updated: EMA teachers, centres, queues...
 
 `batch` is duck-typed: `.views` (one tensor per crop-size group, (count * B, 3, S, S), view-major:
-view v of sample i is row v * B + i), `.batch_size` (B, per process) and `.counts`.
+view v of sample i is row v * B + i), `.batch_size` (B, per process) and `.counts`; a method with
+`needs_sample_indices` also reads `.indices` (each sample's fixed position in the training set, int64).
+
+Set-up, once, before the method is wrapped for several processes and before a checkpoint is restored:
+
+    recipe = method.adapt_recipe(recipe)          # the recipe it trains on
+    method.adapt_to_data(num_samples)             # the training set's size: per-sample state (memory banks)
 Methods never import the input stack: a method names its recipe preset (`recipe_preset`) and the
 caller looks it up (`default_recipe(pipelines.spec.preset)`).
 """
@@ -61,6 +67,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # Two-view methods take exactly one view group of 2 crops; multi-crop methods override check_recipe
     accepts_local_crops: ClassVar[bool] = False
     needs_labels: bool = False  # trains on the shards' class labels too (they must have them)
+    # reads Batch.indices: the caller builds the input stack with sample_indices=True
+    needs_sample_indices: ClassVar[bool] = False
     adamw_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     # several GPUs: batch norms synchronised across them (SyncBatchNorm), as the method's recipe does
     sync_batch_norm: ClassVar[bool] = True
@@ -104,6 +112,17 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def adapt_recipe(self, recipe):
         """The recipe this model trains on (masked methods match the mask grid to their patches)."""
         return recipe
+
+    def adapt_to_data(self, num_samples: int) -> None:
+        """Sizes per-sample state for a training set of `num_samples` samples (a memory bank's rows, indexed
+        by `Batch.indices`). The caller (train.py, the tools) calls it once, before the method is wrapped for
+        several processes or restored from a checkpoint (whose state must fit); the default keeps none."""
+
+    def memory_bank(self) -> tuple[torch.Tensor, nn.Module] | None:
+        """(bank, encoder) for the kNN monitor's `--knn-bank memory`: one L2-normalised row per training
+        sample in `Batch.indices` order, and the module mapping images to L2-normalised vectors of the bank's
+        space; None for a method without a memory bank."""
+        return None
 
     @classmethod
     def defaults(cls, on_gpu: bool, backbone: str | None = None) -> dict[str, Any]:
