@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from models.methods import METHODS, method_class  # noqa: E402
 from pipelines.files import atomic_write_text  # noqa: E402
-from pipelines.shards import DEMO_TRAIN  # noqa: E402
+from pipelines.shards import DEMO_TRAIN, open_shard_set  # noqa: E402
 
 PROG = "gpu_check"
 NO_GPU = f"{PROG}: no CUDA GPU on this machine; nothing to check (this tool is for GPU machines)"
@@ -408,6 +408,7 @@ def build_method(name: str, *, gpu_config: bool, seed: int, batch_size: int):
     method = create_method(name, backbone=config.backbone, stem=config.stem, on_gpu=gpu_config,
                            backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
                            **parse_options(config.method_options, "--method-options"))
+    method.adapt_to_data(open_shard_set(config.data).num_samples)  # per-sample state, as train.py sizes it
     return method, method.adapt_recipe(recipe), config
 
 
@@ -432,7 +433,7 @@ def first_batch(recipe, batch_size: int, seed: int, data=DEMO_TRAIN):
 
     with _environment(FASTSSL_COMPILE="0"):
         stack = InputStack(recipe, data, batch_size, seed=seed, device="cpu",
-                           num_threads=max(1, min(4, os.cpu_count() or 1)))
+                           num_threads=max(1, min(4, os.cpu_count() or 1)), sample_indices=True)
     batch = next(stack)
     del stack
     return batch
@@ -448,7 +449,8 @@ def batch_to(batch, device):
         labels=batch.labels.to(device), masks=None if batch.masks is None else batch.masks.to(device),
         pretext={task: dataclasses.replace(
             inputs, images=inputs.images.to(device), labels=inputs.labels.to(device),
-            order=None if inputs.order is None else inputs.order.to(device)) for task, inputs in batch.pretext.items()})
+            order=None if inputs.order is None else inputs.order.to(device)) for task, inputs in batch.pretext.items()},
+        indices=None if batch.indices is None else batch.indices.to(device))
 
 
 @contextlib.contextmanager
@@ -564,7 +566,8 @@ def count_syncs(method_name: str, steps: int, batch_size: int, seed: int, *, gpu
                                 lr=config.lr * method.lr_scaling(batch_size), betas=method.adamw_betas)
     method, optimizer = accelerator.prepare(method, optimizer)
     stack = InputStack(recipe, config.data, batch_size, seed=seed, device=accelerator.device,
-                       num_threads=config.data_threads)
+                       num_threads=config.data_threads,
+                       sample_indices=accelerator.unwrap_model(method).needs_sample_indices)
     signals = StepSignals(accelerator, lambda: False)
     stack_counts, step_counts = [], []
     try:

@@ -196,7 +196,8 @@ def synthetic_batch(recipe, batch_size: int, device: torch.device) -> Batch:
     return Batch(views=views, boxes=boxes, flips=flips,
                  image_sizes=torch.tensor([size, size], device=device).repeat(batch_size, 1),
                  labels=torch.full((batch_size,), -1, device=device), masks=masks,
-                 raw_keys=torch.zeros(batch_size, 1, dtype=torch.uint8), pretext=pretext)
+                 raw_keys=torch.zeros(batch_size, 1, dtype=torch.uint8), pretext=pretext,
+                 indices=torch.arange(batch_size, device=device))
 
 
 def _train_step(method, optimizer, batch, step: int, total: int = 1000) -> None:
@@ -218,11 +219,12 @@ def model_stages(method, optimizer, recipe, shards, settings: Settings) -> dict[
         from models.runtime import use_fast_cuda_kernels
 
         use_fast_cuda_kernels()  # TF32 and cuDNN autotuning, as train.py sets them up
+    method.adapt_to_data(shards.num_samples)  # per-sample state (a memory bank) for these shards
     synthetic = synthetic_batch(recipe, settings.batch_size, settings.device)
     counter = iter(range(10**9))
     seconds = {STAGES[4]: time_batches(lambda: _train_step(method, optimizer, synthetic, next(counter)), settings)}
     stack = InputStack(recipe, shards, settings.batch_size, seed=0, device=settings.device,
-                       num_threads=settings.threads)
+                       num_threads=settings.threads, sample_indices=method.needs_sample_indices)
     seconds[STAGES[5]] = time_batches(lambda: _train_step(method, optimizer, next(stack), next(counter)), settings)
     return seconds
 

@@ -77,14 +77,17 @@ def momentum_update(old: Tensor, new: Tensor, momentum: float) -> Tensor:
 
 def sample_negatives(indices: Tensor, num_samples: int, count: int, generator: torch.Generator,
                      exclude_positive: bool = False) -> Tensor:
-    """(B, count) bank rows drawn uniformly with replacement for each of `indices` (B,). `exclude_positive`:
-    uniformly from the other num_samples - 1 rows (a draw from [0, n - 1) moved up by one at or past the
-    sample's own row); otherwise the own row can be drawn, as upstream's alias sampler allows."""
-    shape = (indices.shape[0], count)
-    if not exclude_positive:
-        return torch.randint(0, num_samples, shape, generator=generator, device=indices.device)
-    drawn = torch.randint(0, num_samples - 1, shape, generator=generator, device=indices.device)
-    return drawn + (drawn >= indices[:, None]).long()
+    """(B, count) bank rows drawn uniformly with replacement for each of `indices` (B,), int64 on their
+    device. `exclude_positive`: uniformly from the other num_samples - 1 rows (a draw from [0, n - 1) moved
+    up by one at or past the sample's own row); otherwise the own row can be drawn, as upstream's alias
+    sampler allows. `generator` is a CPU generator: the draws are the same whatever the device (int32 on
+    the host, copied over asynchronously from pinned memory)."""
+    high = num_samples - 1 if exclude_positive else num_samples
+    drawn = torch.randint(0, high, (indices.shape[0], count), generator=generator, dtype=torch.int32)
+    if indices.device.type == "cuda":
+        drawn = drawn.pin_memory().to(indices.device, non_blocking=True)
+    drawn = drawn.to(indices.device).long()
+    return drawn + (drawn >= indices[:, None]).long() if exclude_positive else drawn
 
 
 # ------------------------------------------------------------------------------------------- the bank
@@ -117,8 +120,9 @@ class MemoryBank(nn.Module):
 
     Randomness: the bank starts as unit vectors drawn from N(0, I) (uniform on the sphere) by a generator
     seeded with `seed`, the same on every rank; each step's negatives come from a generator seeded with
-    (`seed`, step, rank): an exact resume draws the same ones, with no generator state to save. `seed`
-    None: torch's initial seed (train.py's --seed), the same on every rank.
+    (`seed`, step, rank): an exact resume draws the same ones, with no generator state to save, and a GPU
+    run draws what a CPU run draws. `seed` None: torch's initial seed (train.py's --seed), the same on every
+    rank.
 
     NCE's normalisation constant Z (`nce_z`, -1 until known) is estimated from the first batch's
     similarities (averaged over ranks) and kept, as the paper does; it is a buffer, so a resume restores it.
@@ -154,7 +158,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("nce_z", torch.tensor(-1.0))
         self._z_known = False  # nce_z > 0, on the host: reading the buffer each step would wait for the device
         self._pending: tuple[Tensor, Tensor, Tensor | None] | None = None
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = torch.Generator()
 
     @property
     def num_samples(self) -> int:
@@ -173,13 +177,10 @@ class MemoryBank(nn.Module):
         self._z_known = False
         self._pending = None
 
-    def step_generator(self, step: int, device: torch.device) -> torch.Generator:
-        """The generator of step `step`'s negatives on this rank (re-seeded on every call)."""
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + rank() * 104_729 + 4_242) % (2**63))
-        return generator
+    def step_generator(self, step: int) -> torch.Generator:
+        """The (CPU) generator of step `step`'s negatives on this rank, re-seeded on every call."""
+        self._generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + rank() * 104_729 + 4_242) % (2**63))
+        return self._generator
 
     def similarities(self, embeddings: Tensor, indices: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(positive (B,), negatives (B, K)) cosine similarities of unit `embeddings` (B, dim), float32+, to
@@ -188,7 +189,7 @@ class MemoryBank(nn.Module):
         bank = self.memory.detach()
         positive = (embeddings * bank[indices].to(embeddings.dtype)).sum(dim=1)
         drawn = sample_negatives(indices, self.num_samples, self.num_negatives,
-                                 self.step_generator(step, indices.device), self.exclude_positive)
+                                 self.step_generator(step), self.exclude_positive)
         if self.num_samples < drawn.numel():
             negatives = (embeddings @ bank.to(embeddings.dtype).t()).gather(1, drawn)
         else:
