@@ -1,15 +1,22 @@
 """Draw the views (and masks) a recipe produces for a few samples, as a PNG grid.
 
     python tools/show_views.py --method swav --multicrop 2x224+6x96 --out views.png
+    python tools/show_views.py --run runs/inpainting-XXXX --out inpainted.png
 
 One row per sample, one column per view (grouped by crop size, in batch order); masked patches of
 masked-image recipes are shaded. Views are shown after the full photometric recipe, un-normalised.
+
+`--run RUN` draws a context-encoder run's reconstructions instead (`--method inpainting`): for a few
+images of `--data` (default: the demo validation shards), in shard order and at the evaluation crop, the
+input with its hole, the prediction pasted into the hole, and the original; from the run's latest
+checkpoint (or a checkpoint directory), the method rebuilt from its saved options.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -21,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.shards import DEMO_TRAIN, ShardError  # noqa: E402
-from pipelines.spec import RecipeError, preset  # noqa: E402
+from pipelines.shards import DEMO_TRAIN, DEMO_VAL, ShardError  # noqa: E402
+from pipelines.spec import RecipeError, eval_recipe, preset  # noqa: E402
 from pipelines.stack import Batch, InputStack  # noqa: E402
 
 
@@ -73,16 +80,94 @@ def draw(batch: Batch, recipe, samples: int, out: Path) -> None:
     plt.close(figure)
 
 
+RECONSTRUCTION_COLUMNS = {"input": "input (hole filled)", "inpainted": "prediction in the hole",
+                          "original": "original"}
+
+
+def load_run_method(run: Path):
+    """(method in eval mode on the CPU, the recipe it trained on, the checkpoint) from a run directory's
+    latest checkpoint or a checkpoint directory: the method built as train.py built it from the saved
+    options (head widths of the device it trained on), with the checkpoint's weights (safetensors)."""
+    from safetensors.torch import load_file
+
+    from models.checkpointing import list_checkpoints
+    from models.methods import create_method
+    from models.options import parse_options
+    from models.training import Config, resolve
+
+    run = Path(run)
+    checkpoint = run if (run / "meta.json").is_file() else (list_checkpoints(run) or [None])[-1]
+    if checkpoint is None:
+        raise ValueError(f"--run {run}: not a run directory with checkpoints or a checkpoint directory")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    known = {field.name for field in dataclasses.fields(Config)}
+    saved = Config(**{key: value for key, value in meta["config"].items() if key in known})
+    config, recipe, _ = resolve(saved, torch.device("cpu"), world_size=1)
+    method = create_method(config.method, backbone=config.backbone, stem=config.stem,
+                           on_gpu=meta.get("device") == "cuda",
+                           backbone_kwargs=parse_options(config.backbone_options, "--backbone-options"),
+                           **parse_options(config.method_options, "--method-options"))
+    method.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    return method.eval(), method.adapt_recipe(recipe), checkpoint
+
+
+def draw_reconstructions(columns: dict[str, torch.Tensor], keys: list[str], recipe, title: str, out: Path) -> None:
+    """One row per image, one column per entry of `columns` ((N, 3, S, S), normalised like the views)."""
+    shown = [(RECONSTRUCTION_COLUMNS.get(name, name), displayable(images.float().cpu(), recipe.mean, recipe.std))
+             for name, images in columns.items()]
+    samples = len(keys)
+    figure, axes = plt.subplots(samples, len(shown), figsize=(1.8 * len(shown), 1.8 * samples), squeeze=False)
+    for row in range(samples):
+        for column, (name, images) in enumerate(shown):
+            axis = axes[row][column]
+            axis.imshow(images[row].numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name, fontsize=8)
+            if column == 0:
+                axis.set_ylabel(keys[row], fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def reconstructions(run: str, data: str, samples: int, seed: int, out: Path) -> str:
+    """Draws the run's reconstructions of the first `samples` images of `data` into `out`; returns the
+    picture's title."""
+    method, recipe, checkpoint = load_run_method(run)
+    if not hasattr(method, "inpainted"):
+        raise ValueError(f"--run {run}: a {method.name} run draws no reconstructions (inpainting runs do)")
+    recipe = eval_recipe(recipe).with_pretext(recipe.pretext)  # the centred crop, with the training hole
+    batch = next(InputStack(recipe, data, batch_size=samples, seed=seed, training=False, num_threads=1))
+    title = f"{method.name} {checkpoint.parent.parent.name} {checkpoint.name}: {recipe.pretext[0].describe()}"
+    draw_reconstructions(method.inpainted(batch), batch.keys, recipe, title, out)
+    return title
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="swav", help="recipe preset (default: %(default)s)")
     parser.add_argument("--multicrop", default=None, help="override the crops, e.g. 2x224+6x96")
-    parser.add_argument("--data", default=str(DEMO_TRAIN), help="shard directory (default: the demo shards)")
+    parser.add_argument("--data", default=None, help="shard directory (default: the demo training shards; "
+                        "with --run the demo validation shards)")
+    parser.add_argument("--run", default=None, help="draw this inpainting run's reconstructions (a run or "
+                        "checkpoint directory) instead of a recipe's views")
     parser.add_argument("--samples", type=int, default=4, help="rows to draw (default: %(default)s)")
     parser.add_argument("--patch-size", type=int, default=None, help="mask patch size for mae/sim recipes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="views.png", help="PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.run:
+        try:
+            print(reconstructions(args.run, args.data or str(DEMO_VAL), args.samples, args.seed, Path(args.out)))
+        except (RecipeError, ShardError, ValueError, OSError) as error:
+            print(f"show_views: error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
+        return 0
+    args.data = args.data or str(DEMO_TRAIN)
     try:
         recipe = preset(args.method)
         if args.patch_size and recipe.masking is not None:
