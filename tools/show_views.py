@@ -10,6 +10,12 @@ masked-image recipes are shaded. Views are shown after the full photometric reci
 images of `--data` (default: the demo validation shards), in shard order and at the evaluation crop, the
 input with its hole, the prediction pasted into the hole, and the original; from the run's latest
 checkpoint (or a checkpoint directory), the method rebuilt from its saved options.
+
+A colorization run's `--run` draws its predicted colours for those images: the lightness input, the
+predicted colours (the annealed mean of the predicted distribution at `--temperature`, 0.38 as the paper;
+the regressed ab with loss=regression) and the ground truth; a run with grey=false_colour also shows the
+false colours its grey images trained on. Without `--run`, `--method colorization` shows the views as
+the lightness the backbone sees.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from pipelines.spec import RecipeError, eval_recipe, preset  # noqa: E402
 from pipelines.stack import Batch, InputStack  # noqa: E402
 
 
-def displayable(views: torch.Tensor, mean, std) -> torch.Tensor:
-    """(N, 3, H, W) normalised views back to [0, 1] images (N, H, W, 3)."""
-    if mean is not None:
+def displayable(views: torch.Tensor, mean, std, lightness: bool = False) -> torch.Tensor:
+    """(N, 3, H, W) normalised views back to [0, 1] images (N, H, W, 3); `lightness`: views of centred
+    lightness (L - 50) / 50 (a recipe's `lightness_input`), shown as grey L / 100."""
+    if lightness:
+        views = views * 0.5 + 0.5
+    elif mean is not None:
         views = views * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return views.clamp(0, 1).permute(0, 2, 3, 1)
 
@@ -54,7 +63,8 @@ def draw(batch: Batch, recipe, samples: int, out: Path) -> None:
     columns = []  # (title, images (B, H, W, 3))
     for group_index, group in enumerate(recipe.groups):
         for view in range(group.count):
-            images = displayable(batch.view(group_index, view).float().cpu(), recipe.mean, recipe.std)
+            images = displayable(batch.view(group_index, view).float().cpu(), recipe.mean, recipe.std,
+                                 recipe.lightness_input)
             masking = recipe.masking
             if masking is not None and group_index == 0 and view < masking.views:
                 view_masks = batch.masks[view * batch.batch_size : (view + 1) * batch.batch_size].cpu()
@@ -133,10 +143,46 @@ def draw_reconstructions(columns: dict[str, torch.Tensor], keys: list[str], reci
     plt.close(figure)
 
 
-def reconstructions(run: str, data: str, samples: int, seed: int, out: Path) -> str:
-    """Draws the run's reconstructions of the first `samples` images of `data` into `out`; returns the
-    picture's title."""
+@torch.no_grad()
+def colour_columns(method, images: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """{title: (N, 3, S, S) pictures in [0, 1]} for RGB `images` (N, 3, S, S) in [0, 1]: the lightness input,
+    the colours a colorization `method` predicts from it, the ground truth, and (grey=false_colour) the
+    false colours the run's grey images trained on."""
+    import kornia
+
+    from models.methods.colorization import false_colour
+    from pipelines.pretext import centred_lightness, to_lab
+
+    lab = to_lab(images)
+    lightness = lab[:, :1]
+    predicted = method.colourise(centred_lightness(lightness), temperature)
+
+    def picture(ab: torch.Tensor) -> torch.Tensor:
+        return kornia.color.lab_to_rgb(torch.cat([lightness, ab], dim=1), clip=True)
+
+    head = method.head
+    name = f"annealed mean T={temperature:g}" if head.loss == "classification" else "regressed ab"
+    columns = {"L input": (lightness / 100).clamp(0, 1).expand(-1, 3, -1, -1),
+               f"predicted ({name})": picture(predicted), "ground truth": images}
+    if head.grey == "false_colour":
+        grey = lab[:, 1:].square().sum(dim=1).sqrt().mean(dim=(1, 2)) < head.grey_threshold
+        columns["trained target (false colour)"] = picture(torch.where(grey.view(-1, 1, 1, 1),
+                                                                       false_colour(lightness), lab[:, 1:]))
+    return columns
+
+
+def reconstructions(run: str, data: str, samples: int, seed: int, out: Path, temperature: float = 0.38) -> str:
+    """Draws the run's reconstructions of the first `samples` images of `data` into `out` (a colorization
+    run: its predicted colours); returns the picture's title."""
     method, recipe, checkpoint = load_run_method(run)
+    if hasattr(method, "colourise"):  # the evaluation crop in RGB, [0, 1]: lightness and truth come from it
+        recipe = dataclasses.replace(eval_recipe(recipe), lightness_input=False)
+        batch = next(InputStack(recipe, data, batch_size=samples, seed=seed, training=False, num_threads=1))
+        options = method_options_text(checkpoint)
+        title = f"{method.name} {checkpoint.parent.parent.name} {checkpoint.name}{options}: predicted colours"
+        draw_reconstructions(colour_columns(method, batch.views[0].float().cpu(), temperature), batch.keys,
+                             recipe, title, out)
+        return title
     if not hasattr(method, "inpainted"):
         raise ValueError(f"--run {run}: a {method.name} run draws no reconstructions (inpainting runs do)")
     recipe = eval_recipe(recipe).with_pretext(recipe.pretext)  # the centred crop, with the training hole
@@ -144,6 +190,11 @@ def reconstructions(run: str, data: str, samples: int, seed: int, out: Path) -> 
     title = f"{method.name} {checkpoint.parent.parent.name} {checkpoint.name}: {recipe.pretext[0].describe()}"
     draw_reconstructions(method.inpainted(batch), batch.keys, recipe, title, out)
     return title
+
+
+def method_options_text(checkpoint: Path) -> str:
+    options = json.loads((checkpoint / "meta.json").read_text())["config"].get("method_options")
+    return f" ({options})" if options else ""
 
 
 def main(argv=None) -> int:
@@ -158,10 +209,13 @@ def main(argv=None) -> int:
     parser.add_argument("--patch-size", type=int, default=None, help="mask patch size for mae/sim recipes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="views.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.38,
+                        help="a colorization --run: the annealed mean's temperature (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.run:
         try:
-            print(reconstructions(args.run, args.data or str(DEMO_VAL), args.samples, args.seed, Path(args.out)))
+            print(reconstructions(args.run, args.data or str(DEMO_VAL), args.samples, args.seed, Path(args.out),
+                                  args.temperature))
         except (RecipeError, ShardError, ValueError, OSError) as error:
             print(f"show_views: error: {error}", file=sys.stderr)
             return 2
