@@ -224,12 +224,12 @@ class SamplePositions:
         rows = np.asarray(raw_keys)
         positions = np.empty(rows.shape[0], dtype=np.int64)
         for row_number, row in enumerate(rows):
-            source = bytes(row).rstrip(b"\0").decode()
-            tar, offset, _ = source.rsplit(":", 2)
-            number = self.tar_numbers.get(tar)
+            source = bytes(row).rstrip(b"\0").decode(errors="replace")
+            parts = source.rsplit(":", 2)
+            number = self.tar_numbers.get(parts[0]) if len(parts) == 3 and parts[1].isdigit() else None
             offsets = self.offsets[number] if number is not None else None
-            at = int(np.searchsorted(offsets, int(offset))) if offsets is not None else -1
-            if offsets is None or at >= len(offsets) or offsets[at] != int(offset):
+            at = int(np.searchsorted(offsets, int(parts[1]))) if offsets is not None else -1
+            if offsets is None or at >= len(offsets) or offsets[at] != int(parts[1]):
                 raise ShardError(f"sample {source} is not in the index files of {self.root}: the shards changed "
                                  f"while reading; rebuild the index with tools/make_shards.py")
             positions[row_number] = self.starts[number] + int(self.orders[number][at])
