@@ -490,3 +490,37 @@ def test_bad_options_are_one_line_errors(args, fragment):
     from test_train import assert_one_line_error, train
 
     assert_one_line_error(train(*args), fragment)
+
+
+def test_ddp_leaves_the_bank_and_z_to_the_method(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for method in (small_npid(), small_decoupling()):
+            broadcast = set(torch.nn.parallel.DistributedDataParallel(method).named_module_buffers)
+            assert not broadcast & {"bank.memory", "bank.nce_z"}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_npid_and_resume_the_replicated_bank_exactly(tmp_path):
+    """`accelerate launch` with two CPU processes: every rank updates the bank from both ranks' embeddings,
+    rank 0's copy is checkpointed and every rank restores it; 2 + 2 steps equal 4."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_train import assert_ok, launch_two_processes, losses
+
+    args = ["--method", "npid", "--multicrop", "1x32", "--max-steps", 4, "--checkpoint-every", 2]
+    assert_ok(launch_two_processes(*args, "--output-dir", tmp_path, "--name", "run"))
+    run = tmp_path / "run"
+    resumed = tmp_path / "resumed" / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    assert_ok(launch_two_processes(*args, "--output-dir", resumed.parent, "--name", "run", "--resume", "auto"))
+    assert losses(resumed) == losses(run) and list(losses(run)) == [1, 2, 3, 4]
+    final = "checkpoints/step-00000004/model.safetensors"
+    saved, again = load_file(run / final), load_file(resumed / final)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[name], again[name]) for name in saved)
+    assert not torch.equal(saved["bank.memory"], load_file(run / "checkpoints/step-00000002/model.safetensors")
+                           ["bank.memory"])
