@@ -187,7 +187,9 @@ def reconstructions(run: str, data: str, samples: int, seed: int, out: Path, tem
         raise ValueError(f"--run {run}: a {method.name} run draws no reconstructions (inpainting runs do)")
     recipe = eval_recipe(recipe).with_pretext(recipe.pretext)  # the centred crop, with the training hole
     batch = next(InputStack(recipe, data, batch_size=samples, seed=seed, training=False, num_threads=1))
-    title = f"{method.name} {checkpoint.parent.parent.name} {checkpoint.name}: {recipe.pretext[0].describe()}"
+    hole = recipe.pretext[0]
+    title = (f"{method.name} {checkpoint.parent.parent.name} {checkpoint.name}\n{hole.mask} hole, {hole.ratio:g} of "
+             f"the area, {hole.overlap}-px overlap")
     draw_reconstructions(method.inpainted(batch), batch.keys, recipe, title, out)
     return title
 
