@@ -321,3 +321,18 @@ def test_show_views_refuses_a_run_of_a_method_without_reconstructions(tmp_path, 
     save_file({k: v.contiguous() for k, v in rotnet.state_dict().items()}, str(checkpoint / "model.safetensors"))
     assert show_views(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")]) == 2
     assert "a rotnet run draws no reconstructions (inpainting runs do)" in capsys.readouterr().err
+
+
+def test_the_profilers_peer_cuts_the_same_hole_one_image_at_a_time():
+    from tools.pretext_peer import PretextPeer, collate_pretext
+
+    images = torch.randn(3, 3, 32, 32, generator=generator(7))
+    for spec in (Inpainting().for_crop(32), Inpainting(mask="random", grid=4).for_crop(32)):
+        peer = PretextPeer(SimpleNamespace(pretext=(spec,)), crop=None)
+        made = collate_pretext([peer.from_tensor(image) for image in images])["inpainting"]
+        assert made.images.shape == images.shape and made.labels.shape == (3, 32, 32)
+        assert (made.labels.sum(dim=(1, 2)) == 256).all()
+        hole = made.labels.unsqueeze(1).expand_as(images)
+        assert (made.images[hole] == 0).all() and torch.equal(made.images[~hole], images[~hole])
+        if spec.mask == "center":
+            assert torch.equal(made.labels, inpaint(images, spec, generator()).labels)

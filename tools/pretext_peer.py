@@ -9,6 +9,7 @@ cut at random offsets within their cells one at a time, and for
 - relloc: the centre patch and a random neighbour (or all eight), the neighbour's position the label,
   with the spec's anti-shortcut options (colour dropping, projection, chroma blur, yoked jitter, aperture);
 - rotation: the crop in its four quarter turns (or one at random).
+- inpainting: the hole (the centred square, or random cells) filled with the mean pixel.
 
 `collate_pretext` stacks the samples into the shapes of the input stack's `Batch.pretext`
 (`pipelines.pretext.PretextInputs`), so both sides end with the same tensors.
@@ -16,6 +17,7 @@ cut at random offsets within their cells one at a time, and for
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, blur_chroma, drop_colours, permutation_set,
                                project_out_green_magenta, random_aperture, standardise_tiles)
 from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
+from pipelines.spec import Inpainting
 
 
 def cut_patches(image: torch.Tensor, spec: GridPatches, yoked: bool = False) -> torch.Tensor:
@@ -84,6 +87,24 @@ def rotation_sample(image: torch.Tensor, spec: Rotation):
     return torch.stack([torch.rot90(image, k, dims=(1, 2)) for k in turns]), torch.tensor(turns)
 
 
+def inpainting_sample(image: torch.Tensor, spec: Inpainting):
+    """(filled (C, S, S), hole (S, S) bool): the context encoder's hole of one image, the centred square
+    of round(ratio * grid²) cells or (`random`, `block`) that many cells drawn with `random.sample`, filled
+    with the spec's fill."""
+    size = image.shape[-1]
+    cell, count = size // spec.grid, round(spec.ratio * spec.grid ** 2)
+    hole = torch.zeros(size, size, dtype=torch.bool)
+    if spec.mask == "center":
+        side = math.isqrt(count)
+        start = (spec.grid - side) // 2 * cell
+        hole[start:start + side * cell, start:start + side * cell] = True
+    else:
+        for index in random.sample(range(spec.grid ** 2), count):
+            row, column = divmod(index, spec.grid)
+            hole[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell] = True
+    return image.masked_fill(hole, spec.fill), hole
+
+
 class PretextPeer:
     """PIL image -> {task: that task's sample} for every pretext task of `recipe`, from one crop of it
     made by `crop` (a callable PIL image -> (C, S, S) tensor: the recipe's group 0 in torchvision)."""
@@ -103,6 +124,8 @@ class PretextPeer:
                 samples[task.task] = relloc_sample(image, task)
             elif isinstance(task, Rotation):
                 samples[task.task] = rotation_sample(image, task)
+            elif isinstance(task, Inpainting):
+                samples[task.task] = inpainting_sample(image, task)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return samples
@@ -131,6 +154,9 @@ def collate_pretext(samples: list[dict]) -> dict[str, PretextInputs]:
             images = torch.stack([rotations for rotations, _ in parts], dim=1)  # (R, B, C, S, S)
             labels = torch.stack([labels for _, labels in parts], dim=1)
             batch[task] = PretextInputs(images.flatten(0, 1), labels.flatten())
+        elif task == "inpainting":
+            batch[task] = PretextInputs(torch.stack([filled for filled, _ in parts]),
+                                        torch.stack([hole for _, hole in parts]))
         else:
             raise TypeError(f"unknown pretext task {task!r}")
     return batch
