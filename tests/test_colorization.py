@@ -203,7 +203,9 @@ def test_the_prior_and_weights_are_checkpointed_buffers():
     counts[:262] = torch.arange(262).double()
     counts[-2:] = torch.tensor([5.0, 6.0])
     line = method.fit_data_statistics(counts)
-    assert "of 5 of 6 images" in line and "262 bins" in line
+    assert "of 5 of 6 images" in line and "262 bins" in line and "warning" not in line
+    grey = create_method("colorization", backbone="resnet10t", on_gpu=False)
+    assert "warning: every image read is grey" in grey.fit_data_statistics(torch.zeros(264, dtype=torch.float64))
     state = method.state_dict()
     for name in ("bins", "prior", "class_weights", "prior_pixels"):
         assert f"heads.colorization.{name}" in state and f"heads.colorization.{name}" in method.REPLICATED_BUFFERS

@@ -10,6 +10,8 @@ cut at random offsets within their cells one at a time, and for
   with the spec's anti-shortcut options (colour dropping, projection, chroma blur, yoked jitter, aperture);
 - rotation: the crop in its four quarter turns (or one at random).
 - inpainting: the hole (the centred square, or random cells) filled with the mean pixel.
+- colorization: the crop converted to Lab, one image at a time (Kornia's rgb_to_lab on the CPU, as the
+  paper's PyTorch ports call skimage's rgb2lab per image): the centred lightness and the ab target.
 
 `collate_pretext` stacks the samples into the shapes of the input stack's `Batch.pretext`
 (`pipelines.pretext.PretextInputs`), so both sides end with the same tensors.
@@ -26,6 +28,7 @@ from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, blur_chroma, d
                                project_out_green_magenta, random_aperture, standardise_tiles)
 from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
 from pipelines.spec import Inpainting
+from pipelines.spec import Lab
 
 
 def cut_patches(image: torch.Tensor, spec: GridPatches, yoked: bool = False) -> torch.Tensor:
@@ -105,6 +108,14 @@ def inpainting_sample(image: torch.Tensor, spec: Inpainting):
     return image.masked_fill(hole, spec.fill), hole
 
 
+def lab_sample(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centred lightness (3, S, S), ab (2, S, S)) of one (3, S, S) crop in [0, 1]."""
+    from pipelines.pretext import lab_inputs
+
+    made = lab_inputs(image.unsqueeze(0), Lab())
+    return made.images[0], made.labels[0]
+
+
 class PretextPeer:
     """PIL image -> {task: that task's sample} for every pretext task of `recipe`, from one crop of it
     made by `crop` (a callable PIL image -> (C, S, S) tensor: the recipe's group 0 in torchvision)."""
@@ -126,6 +137,8 @@ class PretextPeer:
                 samples[task.task] = rotation_sample(image, task)
             elif isinstance(task, Inpainting):
                 samples[task.task] = inpainting_sample(image, task)
+            elif isinstance(task, Lab):
+                samples[task.task] = lab_sample(image)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return samples
@@ -157,6 +170,9 @@ def collate_pretext(samples: list[dict]) -> dict[str, PretextInputs]:
         elif task == "inpainting":
             batch[task] = PretextInputs(torch.stack([filled for filled, _ in parts]),
                                         torch.stack([hole for _, hole in parts]))
+        elif task == "colorization":
+            batch[task] = PretextInputs(torch.stack([lightness for lightness, _ in parts]),
+                                        torch.stack([ab for _, ab in parts]))
         else:
             raise TypeError(f"unknown pretext task {task!r}")
     return batch
