@@ -61,6 +61,7 @@ class Flatten(nn.Module):
 
 def small_npid(num_samples: int = 50, **options) -> NPID:
     torch.manual_seed(0)
+    options = {"loss": "nce", **options}  # the paper's loss (the CPU preset's is softmax)
     return NPID(Flatten(), feature_dim=Flatten.num_features, on_gpu=False, num_samples=num_samples, **options)
 
 
@@ -193,7 +194,7 @@ def test_nce_z_is_estimated_from_the_first_batch_and_kept():
 @pytest.mark.parametrize("options, message", [
     ({"loss": "hinge"}, "npid loss='hinge': use one of nce, softmax"),
     ({"num_negatives": -1}, "npid num_negatives=-1"),
-    ({"num_negatives": 0}, "npid num_negatives=0 (the whole bank) needs loss=softmax"),
+    ({"num_negatives": 0, "loss": "nce"}, "npid num_negatives=0 (the whole bank) needs loss=softmax"),
     ({"bank_momentum": 1.0}, "npid bank_momentum=1.0"),
     ({"temperature": 0}, "npid temperature=0"),
 ])
@@ -327,7 +328,7 @@ def decoupling_batch(batch_size: int = 4, size: int = 8, seed: int = 5):
 def small_decoupling(**options) -> Decoupling:
     torch.manual_seed(0)
     return Decoupling(Flatten(), feature_dim=Flatten.num_features, on_gpu=False, num_samples=20, part_dim=16,
-                      **options)
+                      **{"loss": "nce", **options})
 
 
 def test_pu_weights_switch_on_at_the_set_epoch():
@@ -390,6 +391,12 @@ def test_the_npid_recipe_is_the_papers():
     assert (view.grayscale_p, view.blur_p) == (0.2, 0.0)
     defaults = METHODS["npid"].defaults(on_gpu=True)
     assert (defaults["lr"], defaults["weight_decay"], defaults["epochs"], defaults["batch_size"]) == (0.03, 5e-4, 200, 256)
+    for name in ("npid", "decoupling"):  # the paper's NCE on a GPU, the softmax form on CPU
+        presets = METHODS[name].HEAD_PRESETS
+        assert (presets["paper"]["loss"], presets["small"]["loss"]) == ("nce", "softmax")
+        assert presets["paper"]["num_negatives"] == 4096
+    assert create_method("npid", backbone="resnet10t", on_gpu=False).bank.loss_form == "softmax"
+    assert create_method("npid", backbone="resnet10t", on_gpu=False, loss="nce").bank.loss_form == "nce"
 
 
 # ---------------------------------------------------------------------------------------------- positions
@@ -428,8 +435,8 @@ def encoded(keys: list[str]):
 # ---------------------------------------------------------------------------------------------- train.py
 
 
-RUNS = {"npid": ["--method", "npid"], "decoupling": ["--method", "decoupling"],
-        "npid-softmax-excluding": ["--method", "npid", "--method-options", "loss=softmax,exclude_positive=true"]}
+RUNS = {"npid": ["--method", "npid"], "decoupling": ["--method", "decoupling"],  # CPU presets: the softmax form
+        "npid-nce-excluding": ["--method", "npid", "--method-options", "loss=nce,exclude_positive=true"]}
 
 
 @pytest.mark.slow
@@ -458,8 +465,10 @@ def test_train_py_runs_exports_and_resumes_the_bank_exactly(run_id, tmp_path):
         assert state["bank.memory"].shape == (2000, 128)
         torch.testing.assert_close(state["bank.memory"].norm(dim=1), torch.ones(2000))
     assert not torch.equal(saved[0]["bank.memory"], saved[1]["bank.memory"])
-    if "softmax" not in run_id:
+    if "nce" in run_id:
         assert saved[0]["bank.nce_z"].item() == saved[1]["bank.nce_z"].item() > 0
+    else:
+        assert saved[1]["bank.nce_z"].item() == -1  # the softmax form needs no Z
     # identical losses and identical tensors (weights, bank, Z) after a resume from step 2
     assert_four_steps_resume_exactly_from_step_two(args, run, tmp_path)
 

@@ -87,7 +87,7 @@ class Decoupling(PretextMethod):
       trains it apart, on a RotNet's features, and reads its probabilities from a file);
     - rotation irrelevance: `rotation_irrelevance_loss` on the unrelated parts;
     - instance discrimination: NPID on the mean of the four unrelated parts, through Linear(part_dim, 128)
-      and L2 normalisation, against the memory bank (NCE by default, as the paper).
+      and L2 normalisation, against the memory bank (NCE on a GPU, as the paper; the softmax form on CPU).
 
     loss = rotation_weight * rotation + mse_weight * irrelevance + nce_weight * NPID + the PU classifier's BCE.
     """
@@ -101,18 +101,19 @@ class Decoupling(PretextMethod):
     paper = dict(optimizer="sgd", lr=0.133, weight_decay=5e-4, warmup_epochs=0.0, epochs=245, batch_size=192,
                  multicrop="1x224")
     cpu_overrides: ClassVar[dict[str, Any]] = {**PretextMethod.cpu_overrides, "lr": 0.1}
-    HEAD_PRESETS = {"paper": dict(part_dim=2048, out_dim=128, num_negatives=4096, pu_start_epoch=210),
-                    "small": dict(part_dim=256, out_dim=128, num_negatives=4096, pu_start_epoch=1)}
+    # loss: the paper's NCE on a GPU, the softmax form on CPU (as NPID's presets)
+    HEAD_PRESETS = {"paper": dict(part_dim=2048, out_dim=128, num_negatives=4096, pu_start_epoch=210, loss="nce"),
+                    "small": dict(part_dim=256, out_dim=128, num_negatives=4096, pu_start_epoch=1, loss="softmax")}
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, head_preset: str | None = None,
                  part_dim: int | None = None, out_dim: int | None = None, num_negatives: int | None = None,
                  pu_start_epoch: int | None = None, pu_gamma: float = 2.0, rotation_weight: float = 1.0,
-                 mse_weight: float = 1.0, nce_weight: float = 1.0, loss: str = "nce", temperature: float = 0.07,
+                 mse_weight: float = 1.0, nce_weight: float = 1.0, loss: str | None = None, temperature: float = 0.07,
                  bank_momentum: float = 0.5, exclude_positive: bool = False, seed: int | None = None,
                  num_samples: int | None = None, **backbone_options):
         super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
         sizes = self.head_sizes(head_preset, on_gpu, part_dim=part_dim, out_dim=out_dim, num_negatives=num_negatives,
-                                pu_start_epoch=pu_start_epoch)
+                                pu_start_epoch=pu_start_epoch, loss=loss)
         part = sizes["part_dim"]
         if not isinstance(part, int) or part < 0:
             raise ValueError(f"decoupling part_dim={part!r}: give a whole number >= 0 (0: the pooled feature cut in "
@@ -134,7 +135,7 @@ class Decoupling(PretextMethod):
         self.rotation = nn.Linear(part, ROTATIONS)
         self.embedding = nn.Sequential(nn.Linear(part, sizes["out_dim"]), L2Normalize())
         self.upright = nn.Linear(self.feature_dim, 1)  # the PU classifier
-        self.bank = MemoryBank(sizes["out_dim"], loss=loss, num_negatives=sizes["num_negatives"],
+        self.bank = MemoryBank(sizes["out_dim"], loss=sizes["loss"], num_negatives=sizes["num_negatives"],
                                temperature=temperature, momentum=bank_momentum, exclude_positive=exclude_positive,
                                seed=seed, method=self.name)
         self.pu_start_epoch = sizes["pu_start_epoch"]

@@ -269,21 +269,25 @@ class NPID(Method):
     paper = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=0.0, epochs=200, batch_size=256,
                  multicrop="1x224")
     cpu_overrides: ClassVar[dict[str, Any]] = {"multicrop": "1x32", "epochs": 2, "batch_size": 64, "lr": 0.03}
-    HEAD_PRESETS = {"paper": dict(out_dim=128, num_negatives=4096), "small": dict(out_dim=128, num_negatives=4096)}
+    # loss: the paper's NCE on a GPU; on CPU the softmax form: in a 2-epoch run NCE's Z, estimated while the bank
+    # is still random, is far below the normaliser once the bank holds the (correlated) embeddings, and its loss
+    # and gradients blow up (docs/RESULTS.md)
+    HEAD_PRESETS = {"paper": dict(out_dim=128, num_negatives=4096, loss="nce"),
+                    "small": dict(out_dim=128, num_negatives=4096, loss="softmax")}
 
     def __init__(self, backbone: str | nn.Module | None = None, *, on_gpu: bool = True, head_preset: str | None = None,
-                 out_dim: int | None = None, num_negatives: int | None = None, loss: str = "nce",
+                 out_dim: int | None = None, num_negatives: int | None = None, loss: str | None = None,
                  temperature: float = 0.07, bank_momentum: float = 0.5, exclude_positive: bool = False,
                  proximal: float = 0.0, seed: int | None = None, num_samples: int | None = None,
                  **backbone_options):
-        """`loss`: nce (the paper's, and its released code's default) or softmax (InfoNCE over the positive
-        and the negatives; with num_negatives=0 over the whole bank). `bank_momentum` m weights the old row:
+        """`loss`: nce (the paper's, and its released code's default; the "paper" preset) or softmax (InfoNCE
+        over the positive and the negatives, with num_negatives=0 over the whole bank; the "small" preset). `bank_momentum` m weights the old row:
         v <- normalise(m v + (1 - m) f). `proximal`: the paper's lambda (0: off, as the released code).
         `num_samples`: size the bank now (otherwise `adapt_to_data` does)."""
         super().__init__(backbone, on_gpu=on_gpu, **backbone_options)
-        sizes = self.head_sizes(head_preset, on_gpu, out_dim=out_dim, num_negatives=num_negatives)
+        sizes = self.head_sizes(head_preset, on_gpu, out_dim=out_dim, num_negatives=num_negatives, loss=loss)
         self.embedding = nn.Sequential(nn.Linear(self.feature_dim, sizes["out_dim"]), L2Normalize())
-        self.bank = MemoryBank(sizes["out_dim"], loss=loss, num_negatives=sizes["num_negatives"],
+        self.bank = MemoryBank(sizes["out_dim"], loss=sizes["loss"], num_negatives=sizes["num_negatives"],
                                temperature=temperature, momentum=bank_momentum, exclude_positive=exclude_positive,
                                proximal=proximal, seed=seed, method=self.name)
         if num_samples is not None:
