@@ -225,15 +225,20 @@ def relative_location(images: torch.Tensor, spec: RelativeLocation, generator: t
         labels = torch.randint(0, 8, (b,), generator=generator, device=device)
         sample = torch.arange(b, device=device)
     pairs = torch.cat([patches[sample, CENTRE], patches[sample, neighbours[labels]]])
+    return PretextInputs(against_shortcuts(pairs, spec, generator), labels)
+
+
+def against_shortcuts(patches: torch.Tensor, spec: RelativeLocation, generator: torch.Generator | None) -> torch.Tensor:
+    """The spec's anti-shortcut options applied to every patch, in a fixed order."""
     if spec.color_dropping:
-        pairs = drop_colours(pairs, generator)
+        patches = drop_colours(patches, generator)
     if spec.projection:
-        pairs = project_out_green_magenta(pairs)
+        patches = project_out_green_magenta(patches)
     if spec.chroma_blur:
-        pairs = blur_chroma(pairs)
+        patches = blur_chroma(patches)
     if spec.aperture:
-        pairs = random_aperture(pairs, generator)
-    return PretextInputs(pairs, labels)
+        patches = random_aperture(patches, generator)
+    return patches
 
 
 # ------------------------------------------------------------------------------------------- colorization

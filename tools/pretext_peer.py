@@ -24,11 +24,8 @@ import random
 
 import torch
 
-from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, blur_chroma, drop_colours, permutation_set,
-                               project_out_green_magenta, random_aperture, standardise_tiles)
-from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
-from pipelines.spec import Inpainting
-from pipelines.spec import Lab
+from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, against_shortcuts, permutation_set, standardise_tiles)
+from pipelines.spec import GridPatches, Inpainting, Jigsaw, Lab, RelativeLocation, Rotation
 
 
 def cut_patches(image: torch.Tensor, spec: GridPatches, yoked: bool = False) -> torch.Tensor:
@@ -71,15 +68,7 @@ def relloc_sample(image: torch.Tensor, spec: RelativeLocation):
     labels = list(range(8)) if spec.all_pairs else [random.randrange(8)]
     centres = patches[CENTRE].expand(len(labels), *patches.shape[1:])
     neighbours = patches[[NEIGHBOURS[label] for label in labels]]
-    pairs = torch.cat([centres, neighbours])
-    if spec.color_dropping:
-        pairs = drop_colours(pairs, None)
-    if spec.projection:
-        pairs = project_out_green_magenta(pairs)
-    if spec.chroma_blur:
-        pairs = blur_chroma(pairs)
-    if spec.aperture:
-        pairs = random_aperture(pairs, None)
+    pairs = against_shortcuts(torch.cat([centres, neighbours]), spec, None)
     centres, neighbours = pairs.chunk(2)
     return centres, neighbours, torch.tensor(labels)
 
