@@ -100,7 +100,8 @@ class Decoupling(PretextMethod):
     # 245 epochs with steps (here cosine), PU weights from epoch 210
     paper = dict(optimizer="sgd", lr=0.133, weight_decay=5e-4, warmup_epochs=0.0, epochs=245, batch_size=192,
                  multicrop="1x224")
-    cpu_overrides: ClassVar[dict[str, Any]] = {**PretextMethod.cpu_overrides, "lr": 0.1}
+    # CPU: RotNet's base LR 0.4, measured best of 0.03-0.4 for 2 epochs on the demo (docs/RESULTS.md)
+    cpu_overrides: ClassVar[dict[str, Any]] = {**PretextMethod.cpu_overrides, "lr": 0.4}
     # loss: the paper's NCE on a GPU, the softmax form on CPU (as NPID's presets)
     HEAD_PRESETS = {"paper": dict(part_dim=2048, out_dim=128, num_negatives=4096, pu_start_epoch=210, loss="nce"),
                     "small": dict(part_dim=256, out_dim=128, num_negatives=4096, pu_start_epoch=1, loss="softmax")}
