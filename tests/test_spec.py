@@ -2,7 +2,6 @@ import pytest
 
 from pipelines.spec import PRESETS, Masking, RecipeError, format_multicrop, parse_multicrop, preset
 
-METHODS = ["swav", "dino", "mocov1", "mocov2", "mocov3", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae", "sim"]
 
 
 @pytest.mark.parametrize(
@@ -38,6 +37,8 @@ def test_multicrop_round_trips(spec):
 
 
 def test_every_method_has_a_preset():
+    from models.methods import METHODS
+
     assert sorted(PRESETS) == sorted(METHODS)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from models.methods.barlowtwins import BarlowTwins
 from models.methods.base import Method, Progress
 from models.methods.byol import BYOL
-from models.methods.decoupling import Decoupling
 from models.methods.colorization import Colorization
+from models.methods.decoupling import Decoupling
 from models.methods.dino import DINO
 from models.methods.inpainting import ContextEncoder
 from models.methods.jigsaw import JigsawMethod
@@ -26,10 +26,9 @@ from models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM,
-                              RotNet, JigsawMethod, RelativeLocationMethod, MultiTask, ContextEncoder)
+                              NPID, RotNet, Decoupling, JigsawMethod, RelativeLocationMethod, MultiTask, Colorization,
+                              ContextEncoder)
 }
-METHODS[Colorization.name] = Colorization
-METHODS.update({cls.name: cls for cls in (NPID, Decoupling)})
 
 
 def method_class(name: str) -> type[Method]:
