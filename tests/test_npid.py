@@ -533,3 +533,19 @@ def test_two_processes_train_npid_and_resume_the_replicated_bank_exactly(tmp_pat
     assert saved.keys() == again.keys() and all(torch.equal(saved[name], again[name]) for name in saved)
     assert not torch.equal(saved["bank.memory"], load_file(run / "checkpoints/step-00000002/model.safetensors")
                            ["bank.memory"])
+
+
+@pytest.mark.parametrize("name", ["npid", "decoupling"])
+def test_the_gpu_check_and_the_profiler_build_size_and_step_the_methods(name):
+    from pipelines.shards import DEMO_TRAIN
+    from tools.gpu_check import build_method, first_step_losses
+    from tools.profile_throughput import Settings, method_and_optimizer, model_stages
+
+    method, _, _ = build_method(name, gpu_config=False, seed=0, batch_size=8)
+    assert method.bank.num_samples == 10_000  # sized for the demo training shards, as train.py sizes it
+    first, again = first_step_losses(name, ["cpu", "cpu"], gpu_config=False, batch_size=8)
+    assert math.isfinite(first) and first == again  # the same negatives: drawn by a seeded CPU generator
+    settings = Settings(batch_size=8, threads=1, warmup=1, batches=1, repeats=1, device=torch.device("cpu"))
+    model, optimizer, recipe, _ = method_and_optimizer(name, preset(name).with_multicrop("1x32"), settings.device, 8)
+    seconds = model_stages(model, optimizer, recipe, open_shard_set(DEMO_TRAIN), settings)
+    assert all(value > 0 for value in seconds.values()) and optimizer.state
