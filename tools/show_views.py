@@ -1,7 +1,7 @@
 """Draw the views (and masks) a recipe produces for a few samples, as a PNG grid.
 
     python tools/show_views.py --method swav --multicrop 2x224+6x96 --out views.png
-    python tools/show_views.py --run runs/inpainting-XXXX --out inpainted.png
+    python tools/show_views.py --run runs/my-inpainting --out inpainted.png
 
 One row per sample, one column per view (grouped by crop size, in batch order); masked patches of
 masked-image recipes are shaded. Views are shown after the full photometric recipe, un-normalised.
