@@ -91,17 +91,17 @@ def test_pretrains_then_reports_knn_linear_random_init_and_pixels(tmp_path, capf
 
 @pytest.mark.slow
 def test_a_minutes_budget_trains_on_the_clock_and_ends_annealed_within_it(tmp_path, capfd):
-    result = run_on_look_alike(capfd, tmp_path, "--minutes", 0.4,
+    result = run_on_look_alike(capfd, tmp_path, "--minutes", 0.3,
                                "--train-options", TINY_TRAIN + " --batch-size 16 --warmup-epochs 0",
                                "--name", "timed")
     run_dir = tmp_path / "work" / "timed"
     report = json.loads((run_dir / "quality.json").read_text())
-    assert report["config"]["time_limit"] == 0.4 and report["config"]["schedule_by_time"] is True
+    assert report["config"]["time_limit"] == 0.3 and report["config"]["schedule_by_time"] is True
     budget = report["budget"]
     assert budget["planned_steps"] == report["config"]["max_steps"] and budget["steps"] > 1
     # the run ended at the limit (counted from its process's start), not at its planned steps
     steps, planned = budget["steps"], budget["planned_steps"]
-    assert f"--time-limit 0.4 min reached at step {steps} (the schedule has {planned})" in result.stdout
+    assert f"--time-limit 0.3 min reached at step {steps} (the schedule has {planned})" in result.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
     assert last["step"] == budget["steps"]

@@ -458,17 +458,17 @@ def test_a_time_limit_ends_the_run_with_a_checkpoint_and_the_backbone_and_resume
 
 def test_a_schedule_by_time_follows_the_clock_past_the_planned_steps_and_ends_annealed(tmp_path):
     run = tmp_path / "run"
-    # a schedule of 5 steps stretched over what is left of 24 s after the set-up: many more steps
+    # a schedule of 5 steps stretched over what is left of 18 s after the set-up: many more steps
     # than 5, the LR falling with the share of the time used and at its final value at the end
     # (a process of its own: the limit counts from the start of the process)
-    result = train_process("--max-steps", 5, "--time-limit", 0.4, "--schedule-by-time", "--warmup-epochs", 0,
+    result = train_process("--max-steps", 5, "--time-limit", 0.3, "--schedule-by-time", "--warmup-epochs", 0,
                            "--batch-size", 8, "--checkpoint-every", 1000, "--output-dir", tmp_path,
                            "--name", "run")
     assert_ok(result)
     records = [r for r in metrics(run) if "loss" in r]
     steps = [r["step"] for r in records]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 10, steps
-    assert f"--time-limit 0.4 min reached at step {steps[-1]} (the schedule has 5)" in result.stdout
+    assert f"--time-limit 0.3 min reached at step {steps[-1]} (the schedule has 5)" in result.stdout
     positions = [r["schedule_step"] for r in records]
     assert positions == sorted(positions) and positions[0] == 1 and positions[-1] == 5, positions
     lrs = [r["lr"] for r in records]
