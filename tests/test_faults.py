@@ -43,14 +43,14 @@ VERIFY = "tools/make_shards.py --verify"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def within(seconds: float, function, *args):
-    """`function(*args)`'s result (or its exception) from a daemon thread; the test fails if it takes longer
+def within(seconds: float, function, *args, **kwargs):
+    """`function(*args, **kwargs)`'s result (or its exception) from a daemon thread; the test fails if it takes longer
     than `seconds`, instead of hanging (a blocked DALI call cannot be interrupted in this thread)."""
     outcome = {}
 
     def run():
         try:
-            outcome["result"] = function(*args)
+            outcome["result"] = function(*args, **kwargs)
         except BaseException as error:  # noqa: BLE001 - handed to the test's thread
             outcome["error"] = error
 
@@ -399,3 +399,38 @@ def test_a_tar_cut_short_or_deleted_while_it_is_read_is_one_line_naming_it(small
     assert_names_the_fix(message, root, fragment, str(tar))
     reported = verify_cli(root, capsys)
     assert fragment in reported and tar.name in reported
+
+
+def batch_keys(root: Path, batches: int, **where) -> list[list[str]]:
+    """The sample keys of the first `batches` batches (of 16) of an input stack over `root`, as a run reads
+    them: the reader's order depends on the seed, the rank and the batch size, not on the recipe."""
+    stack = InputStack(GEOMETRY, root, 16, num_threads=1, **where)
+    return [next(stack).keys for _ in range(batches)]
+
+
+def test_a_corrupt_jpeg_in_the_first_batch_is_one_line_on_the_stderr_of_the_run(small_set, tmp_path):
+    root = copy_set(small_set, tmp_path)
+    (first,) = within(120, batch_keys, root, 1)
+    tar = corrupt_jpeg(root, first[0])
+    result = train_process("--data", root, "--max-steps", 4, "--output-dir", tmp_path, "--name", "run", timeout=120)
+    assert result.returncode == 2
+    assert_one_line_error(result, f"at step 1: cannot read {root.resolve()} (nvImageCodec",
+                          f"{tar}: {first[0]}.jpg does not decode", f"{VERIFY} {root.resolve()}", alone=False)
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_a_corrupt_jpeg_on_one_rank_of_two_stops_both_at_the_same_step_with_that_ranks_error(small_set, tmp_path):
+    root = copy_set(small_set, tmp_path)
+    key = within(120, batch_keys, root, 3, rank=1, world_size=2)[2][0]  # in rank 1's third batch
+    tar = corrupt_jpeg(root, key)
+    failing, _ = within(120, read_until_the_error, root, None, 1, rank=1, world_size=2)
+    assert failing > 1  # rank 1 steps on its previous batch until both ranks have read the flag
+    # steps 2 and 4 checkpoint, the others read the step signals a step late (log every 5)
+    result = launch_two_processes("--data", root, "--max-steps", 8, "--checkpoint-every", 2, "--log-every", 5,
+                                  "--output-dir", tmp_path, "--name", "run", timeout=240)
+    assert result.returncode != 0  # a rank left waiting in a collective would hang until the timeout
+    errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, tail(result.stderr, 40)
+    assert f"at step {failing}: cannot read {root.resolve()} on rank 1 (nvImageCodec" in errors[0], errors[0]
+    assert f"{tar}: {key}.jpg does not decode" in errors[0] and f"{VERIFY} {root.resolve()}" in errors[0]
+    assert checkpoints(tmp_path / "run") == [f"step-{step:08d}" for step in range(2, failing, 2)]

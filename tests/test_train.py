@@ -25,6 +25,7 @@ import subprocess
 import sys
 import re
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -104,19 +105,54 @@ def train_process(*args, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A free TCP port: another run may be using accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+LAUNCH_OPTIONS = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def two_process_command(*args, script: str = "train.py") -> list[str]:
     """A real 2-process CPU run (gloo). `--cpu --num_processes 2` would silently start one process."""
-    with socket.socket() as probe:  # a free port: another run may be using accelerate's default 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), script, *TINY, *map(str, args)]
+    return [ACCELERATE, "launch", *LAUNCH_OPTIONS, "--num_machines", "1", "--main_process_port", str(free_port()),
+            script, *TINY, *map(str, args)]
 
 
 def launch_two_processes(*args, timeout: float = 240, script: str = "train.py") -> subprocess.CompletedProcess:
     return subprocess.run(two_process_command(*args, script=script), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def launch_two_machines(*args, logs: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Two `accelerate launch`es on this host as machines 0 and 1 of two, one process each (2 ranks, gloo),
+    as on a cluster: `--num_machines 2 --machine_rank R --main_process_ip IP --main_process_port P`. Their
+    output goes to files in `logs` (a launcher blocked on a full pipe would stall the other's collectives)."""
+    port, launchers, files = str(free_port()), [], []
+    try:
+        for machine in (0, 1):
+            files.append([(logs / f"machine{machine}.{kind}").open("w+") for kind in ("out", "err")])
+            command = [ACCELERATE, "launch", *LAUNCH_OPTIONS, "--num_machines", "2", "--machine_rank", str(machine),
+                       "--main_process_ip", "127.0.0.1", "--main_process_port", port, "train.py", *TINY,
+                       *map(str, args)]
+            launchers.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=files[-1][0], stderr=files[-1][1],
+                                              text=True))
+        deadline = time.monotonic() + timeout
+        for launcher in launchers:
+            launcher.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    results = []
+    for launcher, (out, err) in zip(launchers, files):
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -507,7 +543,11 @@ def test_two_processes_stop_together_at_the_time_limit(tmp_path, by_time):
     assert (run / "backbone.safetensors").is_file()
 
 
-def test_two_processes_resume_each_rank_with_its_own_swav_queue(two_process_run, tmp_path):
+def test_two_machines_resume_a_two_process_run_exactly_each_rank_with_its_own_samples_and_swav_queue(
+        two_process_run, tmp_path):
+    """Multi-node as on a cluster: the run of two processes on one machine, resumed at its step 2 by two
+    launchers as two machines of one process each (the same world size), ends as it did: the same losses,
+    weights and per-rank SwAV queues, and each rank read the same samples, no sample twice in the epoch."""
     from safetensors.torch import load_file
 
     _, run = two_process_run
@@ -520,14 +560,24 @@ def test_two_processes_resume_each_rank_with_its_own_swav_queue(two_process_run,
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")
     (resumed / "backbone.safetensors").unlink()
-    assert_ok(launch_two_processes(*TWO_PROCESS_ARGS, "--output-dir", resumed.parent, "--name", "run",
-                                   "--resume", "auto"))
+    for rank in (0, 1):  # the keys each rank read up to the checkpoint
+        log = resumed / f"keys_rank{rank}.txt"
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    machines = launch_two_machines(*TWO_PROCESS_ARGS, "--output-dir", resumed.parent, "--name", "run",
+                                   "--resume", "auto", logs=tmp_path)
+    for machine in machines:
+        assert_ok(machine)
+    assert "resumed from" in machines[0].stdout and "2 process(es) x batch 16" in machines[0].stdout
     assert losses(resumed) == losses(run)  # steps 3-4 use the queues: rank 0's everywhere would change them
     final = "checkpoints/step-00000004"
     assert_same_tensors(load_file(resumed / final / "model.safetensors"), load_file(run / final / "model.safetensors"))
     for rank in (0, 1):
         assert_same_tensors(torch.load(resumed / final / f"method_rank{rank}.pt", weights_only=True),
                             torch.load(run / final / f"method_rank{rank}.pt", weights_only=True))
+        assert (resumed / f"keys_rank{rank}.txt").read_text() == (run / f"keys_rank{rank}.txt").read_text()
+    keys = [key for rank in (0, 1) for line in (resumed / f"keys_rank{rank}.txt").read_text().splitlines()
+            for key in line.split()[1:]]
+    assert len(keys) == len(set(keys)) == 2 * 4 * 16  # split across the ranks of both machines, none read twice
 
 
 # ---------------------------------------------------------------------------------------------- 7. devices
