@@ -264,7 +264,12 @@ def train(t: Training) -> int:
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if t.monitor and evaluate_now:
-                summary["knn_top1"] = t.monitor.evaluate_method(t.model)
+                try:
+                    summary["knn_top1"] = t.monitor.evaluate_method(t.model)
+                except ShardError as error:  # raised on every rank alike (`KnnMonitor.features`)
+                    progress_bar.close()
+                    t.logger.close()
+                    return fail_everywhere(accelerator, f"kNN monitor at step {step}: {error}")
                 summary["knn_random_init"] = t.monitor.baseline
                 t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
@@ -399,8 +404,7 @@ class KnnMonitor:
     def evaluate_memory_bank(self, bank: torch.Tensor, encoder) -> float:
         """Top-1 in percent of the k=200 weighted kNN of the query embeddings against `bank` (replicated: every
         rank holds it), the same on every rank."""
-        with self.accelerator.autocast():
-            queries = extract_features(encoder, self.query_stack, dtype=torch.float32, normalize=True)
+        (queries,) = self.features(encoder, [self.query_stack], torch.float32)
         scores = knn_predict(bank.detach().float(), self.bank_labels, queries.features, self.num_classes,
                              self.MEMORY_BANK_K, self.TEMPERATURE)
         counts = torch.tensor([(scores.argmax(1) == queries.labels).sum().item(), queries.labels.shape[0]],
@@ -410,10 +414,7 @@ class KnnMonitor:
 
     def evaluate(self, backbone) -> float:
         """Top-1 in percent, the same on every rank (each rank must call it)."""
-        dtype = bank_dtype(self.accelerator.device)
-        with self.accelerator.autocast():  # the run's --mixed-precision
-            bank = extract_features(backbone, self.bank_stack, dtype=dtype, normalize=True)
-            queries = extract_features(backbone, self.query_stack, dtype=dtype, normalize=True)
+        bank, queries = self.features(backbone, [self.bank_stack, self.query_stack], bank_dtype(self.accelerator.device))
         bank = gather_features(bank)
         scores = knn_predict(bank.features, bank.labels, queries.features, self.num_classes, self.K,
                              self.TEMPERATURE)
@@ -422,6 +423,19 @@ class KnnMonitor:
                               device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
         return counts[0].item() / counts[1].item() * 100
+
+    def features(self, backbone, stacks: list[InputStack], dtype: torch.dtype) -> list:
+        """This rank's L2-normalised features of one epoch of each stack, under the run's --mixed-precision.
+        A failed read on any rank raises the same ShardError on every rank, before any waits in a gather."""
+        try:
+            with self.accelerator.autocast():
+                found, error = [extract_features(backbone, stack, dtype=dtype, normalize=True) for stack in stacks], None
+        except ShardError as failure:
+            found, error = None, str(failure)
+        message = first_data_error(self.accelerator, error)
+        if message:
+            raise ShardError(message)
+        return found
 
     def random_init_baseline(self, model, start_step: int, logger) -> None:
         """A fresh run (`start_step` 0) evaluates the method before its first step (`evaluate_method`) and logs

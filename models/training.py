@@ -155,7 +155,9 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
 
 
 def cores_per_process(world_size: int) -> int:
-    return max(1, (os.cpu_count() or 2) // world_size)
+    """This machine's cores over the processes on it: torchrun's LOCAL_WORLD_SIZE (one machine of several),
+    else all `world_size` processes."""
+    return max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def optimizer_step(accelerator, method, optimizer, loss: torch.Tensor, progress: Progress,

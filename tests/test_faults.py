@@ -434,3 +434,26 @@ def test_a_corrupt_jpeg_on_one_rank_of_two_stops_both_at_the_same_step_with_that
     assert f"at step {failing}: cannot read {root.resolve()} on rank 1 (nvImageCodec" in errors[0], errors[0]
     assert f"{tar}: {key}.jpg does not decode" in errors[0] and f"{VERIFY} {root.resolve()}" in errors[0]
     assert checkpoints(tmp_path / "run") == [f"step-{step:08d}" for step in range(2, failing, 2)]
+
+
+def test_a_shard_the_knn_monitor_reads_cut_short_during_a_run_is_the_same_one_line_error(small_set, tmp_path):
+    import train as train_script
+    from accelerate import Accelerator
+    from models.training import Config
+    from pipelines.shards import open_shard_set
+    from test_train import own_process_state
+
+    def pixels(images):
+        return images.flatten(1)
+
+    val = copy_set(small_set, tmp_path)
+    tar = tar_of(val, 1)
+    with own_process_state():  # a real Accelerator in this process; a run's evaluation reads each epoch again
+        config = Config(data=str(small_set), val_data=str(val), batch_size=16, data_threads=1)
+        monitor = train_script.KnnMonitor(config, GEOMETRY, Accelerator(cpu=True), open_shard_set(val, need_labels=True))
+        assert 10 < within(120, monitor.evaluate, pixels) <= 100  # 10 classes
+        truncate(tar)
+        with pytest.raises(ShardError) as error:  # on every rank alike: `KnnMonitor.features` agrees first
+            for _ in range(4):  # an epoch is one batch of 256 here, and DALI reads 2 batches ahead
+                within(120, monitor.evaluate, pixels)
+    assert_names_the_fix(str(error.value), val, f"{tar} is truncated")

@@ -580,6 +580,16 @@ def test_two_machines_resume_a_two_process_run_exactly_each_rank_with_its_own_sa
     assert len(keys) == len(set(keys)) == 2 * 4 * 16  # split across the ranks of both machines, none read twice
 
 
+def test_resuming_with_another_number_of_processes_is_a_one_line_error(two_process_run, tmp_path):
+    _, run = two_process_run  # per-rank input-stack and SwAV-queue state: 2 ranks' checkpoint, 1 process here
+    copy = copy_run(run, tmp_path)
+    before = file_bytes(copy / "checkpoints")
+    result = train(*TWO_PROCESS_ARGS, "--output-dir", tmp_path, "--name", "run", "--resume", "auto")
+    error = assert_one_line_error(result, "step-00000004", "processes: 2 -> 1", "start a new run")
+    assert error.count("->") == 1  # nothing else differs
+    assert file_bytes(copy / "checkpoints") == before
+
+
 # ---------------------------------------------------------------------------------------------- 7. devices
 
 
