@@ -1,7 +1,7 @@
 """The fault suite: what a run on a preemptible cluster meets, tried for real, each with a timeout.
 
-Processes killed with SIGKILL (during a step, during a checkpoint write), SIGTERM to a process and to one
-rank of two, a non-finite loss on one rank, a full disk at checkpoint time, and damaged shards: a corrupt
+Processes killed with SIGKILL (during a step, during a checkpoint write), SIGINT to a process, SIGTERM to
+one rank of two, a non-finite loss on one rank, a full disk at checkpoint time, and damaged shards: a corrupt
 JPEG (bytes overwritten, size and index unchanged), a stale index, a tar truncated or deleted while it is
 read. What must hold: `--resume auto` continues from the last complete checkpoint to the weights of an
 uninterrupted run; a fault is a one-line error naming the file (the shard and the sample where it can be
@@ -137,17 +137,17 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resume
 # ---------------------------------------------------------------------------------------------- 2. signals, a NaN
 
 
-def test_sigterm_writes_a_checkpoint_exits_zero_and_resume_auto_continues(tmp_path):
+def test_sigint_writes_a_checkpoint_exits_zero_and_resume_auto_continues(tmp_path):
+    # SIGINT (Ctrl-C) here, SIGTERM (a preemption notice) to one rank of two below: one handler takes both
     run = tmp_path / "run"
-    args = ["--max-steps", 400, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run"]
-    process = subprocess.Popen([sys.executable, "train.py", *TINY, *map(str, args)], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_train_process("--max-steps", 400, "--checkpoint-every", 1000, "--output-dir", tmp_path,
+                                  "--name", "run")
     try:
         deadline = time.monotonic() + 180
         while not ((run / "metrics.jsonl").is_file() and metrics(run)):
             assert process.poll() is None and time.monotonic() < deadline, "no metrics record"
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
