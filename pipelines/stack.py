@@ -197,7 +197,10 @@ class InputStack:
         rank reads in an epoch is DALI's shuffle, so the set is read in order, up to the first bad tar)."""
         where = f" on rank {self.rank}" if self.dali.num_shards > 1 else ""
         verify = f"tools/make_shards.py --verify {self.shards.root}"
-        problem = first_problem(self.shards.root)
+        try:
+            problem = first_problem(self.shards.root)
+        except OSError:  # a tar gone between the checks' steps, a set not on a local file system
+            problem = None
         if problem is None:
             return (f"cannot read {self.shards.root}{where} ({dali_reason(dali_error)}) and {verify} finds no "
                     f"bad sample now: check the storage the shards are on and run again")
