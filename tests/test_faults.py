@@ -71,12 +71,19 @@ def start_train_process(*args) -> subprocess.Popen:
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 180, poll: float = 0.001) -> None:
-    """SIGKILL `process` as soon as `ready()` is true (polled every `poll` s); fails if it ends first."""
+    """SIGKILL `process` at a moment `ready()` is true (polled every `poll` s); fails if it ends first.
+    The process is stopped (SIGSTOP) before the kill and `ready()` asked again: a moment that passed
+    between the poll and the signal is waited for anew, not taken for the one wanted."""
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
+        while True:
             assert process.poll() is None, f"the run ended before the kill\n{tail(process.communicate()[1])}"
             assert time.monotonic() < deadline, "the moment to kill never came"
+            if ready():
+                process.send_signal(signal.SIGSTOP)
+                if ready():
+                    break
+                process.send_signal(signal.SIGCONT)
             time.sleep(poll)
         process.kill()
         process.communicate(timeout=60)
@@ -86,8 +93,13 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 180, poll: floa
     assert process.returncode == -signal.SIGKILL
 
 
-def logged_step(run: Path, step: int):
-    return lambda: (run / "metrics.jsonl").is_file() and any(r.get("step") == step for r in metrics(run))
+def complete_checkpoints(run: Path) -> list[int]:
+    return [int(name.removeprefix("step-")) for name in checkpoints(run) if name.startswith("step-")]
+
+
+def last_logged_step(run: Path) -> int:
+    records = metrics(run) if (run / "metrics.jsonl").is_file() else []
+    return max((record["step"] for record in records if "loss" in record), default=0)
 
 
 # ---------------------------------------------------------------------------------------------- 1. SIGKILL
@@ -120,19 +132,23 @@ def resume_to_the_end_and_compare(run: Path, uninterrupted: Path, expected_start
 def test_sigkill_during_a_step_resumes_from_the_last_checkpoint_to_the_uninterrupted_weights(uninterrupted, tmp_path):
     run = tmp_path / "run"
     process = start_train_process(*KILL_RUN, "--output-dir", tmp_path, "--name", "run")
-    kill_when(process, logged_step(run, 3), poll=0.01)  # step 3 done, step 4 under way: the checkpoint of step 2 is the last
-    assert checkpoints(run) == ["step-00000002"] and not (run / "backbone.safetensors").exists()
-    resume_to_the_end_and_compare(run, uninterrupted, expected_start=2)
+    # the last logged step 3 or 5: in the next step's forward or backward, no checkpoint being written
+    kill_when(process, lambda: last_logged_step(run) in (3, 5), poll=0.01)
+    logged = last_logged_step(run)
+    assert complete_checkpoints(run) == list(range(2, logged, 2)) and not (run / "backbone.safetensors").exists()
+    resume_to_the_end_and_compare(run, uninterrupted, expected_start=logged - 1)
 
 
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resume_reaches_the_same_weights(
         uninterrupted, tmp_path):
     run = tmp_path / "run"
-    temporary = run / "checkpoints" / ".tmp-step-00000004"
+    writing = [run / "checkpoints" / f".tmp-step-{step:08d}" for step in (4, 6)]  # each with one before it
     process = start_train_process(*KILL_RUN, "--output-dir", tmp_path, "--name", "run")
-    kill_when(process, temporary.exists)  # watched every millisecond; writing the checkpoint takes far longer
-    assert temporary.is_dir() and checkpoints(run) == [".tmp-step-00000004", "step-00000002"]  # killed mid-write
-    resume_to_the_end_and_compare(run, uninterrupted, expected_start=2)
+    kill_when(process, lambda: any(path.exists() for path in writing))
+    (temporary,) = [path for path in writing if path.is_dir()]  # killed mid-write
+    step = int(temporary.name.removeprefix(".tmp-step-"))
+    assert complete_checkpoints(run) == list(range(2, step, 2))  # the half-written one is not among them
+    resume_to_the_end_and_compare(run, uninterrupted, expected_start=step - 2)
 
 
 # ---------------------------------------------------------------------------------------------- 2. signals, a NaN
