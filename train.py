@@ -192,14 +192,25 @@ def train(t: Training) -> int:
     learning = LearningCheck(fresh=t.start_step == 0)
     throughput = Throughput(t.train_stack, config.batch_size * accelerator.num_processes)
     step, epoch_losses, timed_out = t.start_step, [], False
+    batch, data_error = None, None
     while by_time or step < total_steps:
         epoch = step // t.steps_per_epoch
         at = t.schedule_index(step, signals.time_share)
         progress = Progress(step=at, epoch=at // t.steps_per_epoch, total_steps=total_steps,
                             steps_per_epoch=t.steps_per_epoch)
         t.apply_schedules(at)
-        batch = next(t.train_stack)
-        if keys_log:
+        if data_error is None:
+            try:
+                batch = next(t.train_stack)
+            except ShardError as error:  # this rank steps on its previous batch until every rank knows
+                data_error = str(error)
+            if step == t.start_step:  # no previous batch to step on: every rank decides now (one gather)
+                message = first_data_error(accelerator, data_error)
+                if message:
+                    progress_bar.close()
+                    t.logger.close()
+                    return fail_everywhere(accelerator, f"at step {step + 1}: {message}")
+        if keys_log and data_error is None:
             keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
         if config.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
@@ -207,7 +218,7 @@ def train(t: Training) -> int:
         # ---- one step
         with accelerator.autocast():
             loss, metrics = t.method(batch, progress)
-        signals.push(step + 1, loss)  # step + 1: the numbering of metrics.jsonl and checkpoints
+        signals.push(step + 1, loss, data_error is not None)  # step + 1: the numbering of metrics.jsonl, checkpoints
         optimizer_step(accelerator, t.method, t.optimizer, loss, progress, config.grad_clip)
         step += 1
         throughput.step()
@@ -220,6 +231,11 @@ def train(t: Training) -> int:
         signals.update(wait=decide_now)
         if not decide_now and (signals.stop or signals.time_share >= 1):
             signals.update(wait=True)  # this step will checkpoint: its own loss must be known to be finite
+        if signals.data_error is not None:  # read by every rank at the same step: each gathers the message
+            progress_bar.close()
+            t.logger.close()
+            return fail_everywhere(accelerator, f"at step {signals.data_error}: "
+                                                f"{first_data_error(accelerator, data_error)}")
         if signals.non_finite is not None:
             progress_bar.close()  # the error goes on its own line, after the bar
             t.logger.close()
@@ -248,7 +264,12 @@ def train(t: Training) -> int:
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if t.monitor and evaluate_now:
-                summary["knn_top1"] = t.monitor.evaluate_method(t.model)
+                try:
+                    summary["knn_top1"] = t.monitor.evaluate_method(t.model)
+                except ShardError as error:  # raised on every rank alike (`KnnMonitor.features`)
+                    progress_bar.close()
+                    t.logger.close()
+                    return fail_everywhere(accelerator, f"kNN monitor at step {step}: {error}")
                 summary["knn_random_init"] = t.monitor.baseline
                 t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
@@ -383,8 +404,7 @@ class KnnMonitor:
     def evaluate_memory_bank(self, bank: torch.Tensor, encoder) -> float:
         """Top-1 in percent of the k=200 weighted kNN of the query embeddings against `bank` (replicated: every
         rank holds it), the same on every rank."""
-        with self.accelerator.autocast():
-            queries = extract_features(encoder, self.query_stack, dtype=torch.float32, normalize=True)
+        (queries,) = self.features(encoder, [self.query_stack], torch.float32)
         scores = knn_predict(bank.detach().float(), self.bank_labels, queries.features, self.num_classes,
                              self.MEMORY_BANK_K, self.TEMPERATURE)
         counts = torch.tensor([(scores.argmax(1) == queries.labels).sum().item(), queries.labels.shape[0]],
@@ -394,10 +414,7 @@ class KnnMonitor:
 
     def evaluate(self, backbone) -> float:
         """Top-1 in percent, the same on every rank (each rank must call it)."""
-        dtype = bank_dtype(self.accelerator.device)
-        with self.accelerator.autocast():  # the run's --mixed-precision
-            bank = extract_features(backbone, self.bank_stack, dtype=dtype, normalize=True)
-            queries = extract_features(backbone, self.query_stack, dtype=dtype, normalize=True)
+        bank, queries = self.features(backbone, [self.bank_stack, self.query_stack], bank_dtype(self.accelerator.device))
         bank = gather_features(bank)
         scores = knn_predict(bank.features, bank.labels, queries.features, self.num_classes, self.K,
                              self.TEMPERATURE)
@@ -406,6 +423,19 @@ class KnnMonitor:
                               device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
         return counts[0].item() / counts[1].item() * 100
+
+    def features(self, backbone, stacks: list[InputStack], dtype: torch.dtype) -> list:
+        """This rank's L2-normalised features of one epoch of each stack, under the run's --mixed-precision.
+        A failed read on any rank raises the same ShardError on every rank, before any waits in a gather."""
+        try:
+            with self.accelerator.autocast():
+                found, error = [extract_features(backbone, stack, dtype=dtype, normalize=True) for stack in stacks], None
+        except ShardError as failure:
+            found, error = None, str(failure)
+        message = first_data_error(self.accelerator, error)
+        if message:
+            raise ShardError(message)
+        return found
 
     def random_init_baseline(self, model, start_step: int, logger) -> None:
         """A fresh run (`start_step` 0) evaluates the method before its first step (`evaluate_method`) and logs
@@ -526,6 +556,16 @@ class make_progress_bar:
 def fail(message: str) -> int:
     print(f"train.py: error: {message}", file=sys.stderr)
     return 2
+
+
+def first_data_error(accelerator, message: str | None) -> str | None:
+    """The data error of the first rank that has one (its input stack's one-line message), or None; the
+    same on every rank, and every rank must call it (a gather of each rank's message)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        return next((found for found in gather_object([message]) if found), None)
+    return message
 
 
 def fail_everywhere(accelerator, message: str) -> int:

@@ -155,7 +155,9 @@ def resolve(config: Config, device: torch.device, world_size: int) -> tuple[Conf
 
 
 def cores_per_process(world_size: int) -> int:
-    return max(1, (os.cpu_count() or 2) // world_size)
+    """This machine's cores over the processes on it: torchrun's LOCAL_WORLD_SIZE (one machine of several),
+    else all `world_size` processes."""
+    return max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def optimizer_step(accelerator, method, optimizer, loss: torch.Tensor, progress: Progress,
@@ -194,8 +196,9 @@ def time_share(minutes: float | None):
 
 class StepSignals:
     """What every rank must agree on after a step, as one small tensor all-reduced (max) across ranks:
-    a stop request (SIGTERM/SIGINT on any rank), a non-finite loss (on any rank) and the share of
-    --time-limit used (the largest). This rank's loss rides along (not reduced) for the log.
+    a stop request (SIGTERM/SIGINT on any rank), a non-finite loss (on any rank), a data error (a rank
+    whose input stack failed; it stepped on its previous batch) and the share of --time-limit used (the
+    largest). This rank's loss rides along (not reduced) for the log.
 
     Reading the values waits for the device, so the loop reads them one step late (`update(wait=False)`:
     every step but the newest; the host keeps queuing work for the GPU) and at once only where a decision
@@ -212,22 +215,24 @@ class StepSignals:
         self.stop = False
         self.time_share = 0.0
         self.non_finite: tuple[int, float] | None = None  # (first bad step, this rank's loss there)
+        self.data_error: int | None = None  # the first step a rank could not read its batch
         self.last_loss = float("nan")
         self._losses: list[float] = []
 
-    def push(self, step: int, loss: torch.Tensor) -> None:
-        values = torch.zeros(4, device=self.device)  # stop, non-finite, time share, loss: no host copy
+    def push(self, step: int, loss: torch.Tensor, data_error: bool = False) -> None:
+        values = torch.zeros(5, device=self.device)  # stop, non-finite, data error, time share, loss: no host copy
         values[0] = float(self.stop_requested())
         values[1] = ~torch.isfinite(loss.detach()).all()
-        values[2] = self.time_share_used() if self.time_share_used else 0.0
+        values[2] = float(data_error)
+        values[3] = self.time_share_used() if self.time_share_used else 0.0
         if self.distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(values[:3], op=dist.ReduceOp.MAX)
-        values[3] = loss.detach().float()
+            dist.all_reduce(values[:4], op=dist.ReduceOp.MAX)
+        values[4] = loss.detach().float()
         event = None
         if self.device.type == "cuda":
-            host = torch.empty(4, pin_memory=True)
+            host = torch.empty(5, pin_memory=True)
             host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -240,11 +245,13 @@ class StepSignals:
             step, values, event = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            stop, non_finite, share, loss = values.tolist()
+            stop, non_finite, data_error, share, loss = values.tolist()
             self.stop = self.stop or stop > 0
             self.time_share = max(self.time_share, share)
             if non_finite > 0 and self.non_finite is None:
                 self.non_finite = (step, loss)
+            if data_error > 0 and self.data_error is None:
+                self.data_error = step
             self.last_loss = loss
             self._losses.append(loss)
 

@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def _tar_samples(archive: tarfile.TarFile):
 
 def _decoded_size(name: str, encoded: bytes) -> tuple[tuple[int, int] | None, str | None]:
     """(width, height) of a JPEG that decodes to RGB, or (None, the problem)."""
-    from PIL import Image  # deep verification only; keeps `open_shard_set` free of heavy imports
+    from PIL import Image, UnidentifiedImageError  # deep verification only: `open_shard_set` stays light
 
     try:
         with Image.open(io.BytesIO(encoded)) as image:
@@ -282,6 +283,8 @@ def _decoded_size(name: str, encoded: bytes) -> tuple[tuple[int, int] | None, st
             if image.format != "JPEG" or image.mode != "RGB":
                 return None, f"{name} is {image.format} {image.mode}, not an RGB JPEG"
             return image.size, None
+    except UnidentifiedImageError:  # its message is the repr of the BytesIO
+        return None, f"{name} does not decode (no image format recognised)"
     except Exception as error:  # noqa: BLE001 - any decoder failure is the problem to report
         return None, f"{name} does not decode ({error})"
 
@@ -358,14 +361,23 @@ def _shard_problems(tar: Path, index: Path, entry: dict, shard_set: ShardSet, ke
     return problems
 
 
-def verify_shard_set(path: str | os.PathLike) -> list[str]:
-    """Every problem found by reading all members of all tars (an empty list: the set is sound)."""
+def _problems(path: str | os.PathLike) -> Iterator[str]:
+    """The problems of the set at `path`, tar by tar in the manifest's order."""
     try:
         shard_set = open_shard_set(path)
     except ShardError as error:
-        return [str(error)]
-    problems: list[str] = []
+        yield str(error)
+        return
     keys: set[str] = set()
     for tar, index, entry in zip(shard_set.tars, shard_set.indexes, shard_set.manifest["shards"]):
-        problems += _shard_problems(tar, index, entry, shard_set, keys)
-    return problems
+        yield from _shard_problems(tar, index, entry, shard_set, keys)
+
+
+def verify_shard_set(path: str | os.PathLike) -> list[str]:
+    """Every problem found by reading all members of all tars (an empty list: the set is sound)."""
+    return list(_problems(path))
+
+
+def first_problem(path: str | os.PathLike) -> str | None:
+    """The first problem `verify_shard_set` finds, or None: the tars are read in order up to the first bad one."""
+    return next(_problems(path), None)

@@ -8,6 +8,7 @@ time the consumer waited for data.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipelines.masking import make_masks
 from pipelines.photometric import PhotometricStage
 from pipelines.pretext import PretextInputs, PretextStage
 from pipelines.pretext import lightness_views
-from pipelines.shards import SamplePositions, ShardError, ShardSet, open_shard_set
+from pipelines.shards import SamplePositions, ShardError, ShardSet, first_problem, open_shard_set
 from pipelines.spec import Recipe
 
 
@@ -66,6 +67,15 @@ class Batch:
             source = bytes(row).rstrip(b"\0").decode()
             keys.append(source.rsplit(":", 1)[-1].split(".", 1)[0])
         return keys
+
+
+def dali_reason(error: str) -> str:
+    """The line of a DALI pipeline error that says what went wrong (after "encountered:"; DALI's
+    assertions without their condition), e.g. "nvImageCodec failure: '#3'"."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    reason = next((line for line in after if not line.startswith("Current pipeline object")), error.strip())
+    return re.sub(r'^Assert on ".*" failed: ', "", reason)
 
 
 def dali_config(batch_size: int, device: torch.device | str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -147,23 +157,55 @@ class InputStack:
         self.epoch = 0
         self.step_in_epoch = 0
         self.wait_seconds = 0.0
-        self._iterator = build_iterator(recipe, self.shards, self.dali)
+        self._failure: str | None = None  # a failed read: every later `next` raises it again
+        self._start()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
         started = time.perf_counter()
-        try:
-            outputs = next(self._iterator)[0]
-        except StopIteration:  # end of an epoch; the iterator has reset itself
-            self.epoch += 1
-            self.step_in_epoch = 0
-            outputs = next(self._iterator)[0]
+        if self._failure is None:
+            try:
+                try:
+                    outputs = next(self._iterator)[0]
+                except StopIteration:  # end of an epoch; the iterator has reset itself
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    outputs = next(self._iterator)[0]
+            except RuntimeError as error:  # DALI's: a sample that does not decode, a tar cut short or gone
+                self._failure = self._read_failure(str(error))
+        if self._failure is not None:
+            raise ShardError(self._failure)
         batch = self._assemble(outputs)
         self.step_in_epoch += 1
         self.wait_seconds += time.perf_counter() - started
         return batch
+
+    def _start(self, checkpoint: str | None = None) -> None:
+        """A new DALI iterator (at `checkpoint`). It reads its first batch as it is built: a failed read is
+        raised by the next `next`, so every rank of a run meets its data errors in the training loop."""
+        self._failure = None
+        try:
+            self._iterator = build_iterator(self.recipe, self.shards, self.dali, checkpoint=checkpoint)
+        except RuntimeError as error:
+            self._iterator, self._failure = None, self._read_failure(str(error))
+
+    def _read_failure(self, dali_error: str) -> str:
+        """One line for a failed read: DALI's reason and the first bad sample or shard `make_shards.py --verify`
+        finds (DALI names neither the shard nor the sample of an image that does not decode; which samples a
+        rank reads in an epoch is DALI's shuffle, so the set is read in order, up to the first bad tar)."""
+        where = f" on rank {self.rank}" if self.dali.num_shards > 1 else ""
+        verify = f"tools/make_shards.py --verify {self.shards.root}"
+        try:
+            problem = first_problem(self.shards.root)
+        except OSError:  # a tar gone between the checks' steps, a set not on a local file system
+            problem = None
+        if problem is None:
+            return (f"cannot read {self.shards.root}{where} ({dali_reason(dali_error)}) and {verify} finds no "
+                    f"bad sample now: check the storage the shards are on and run again")
+        return (f"cannot read {self.shards.root}{where} ({dali_reason(dali_error)}): {problem}; rebuild or re-copy "
+                f"that shard and check the set with {verify}")
 
     def _assemble(self, outputs: dict[str, torch.Tensor]) -> Batch:
         # DALI hands every output but the keys over on `device` already (pipelines/dali_stage.py), as
@@ -220,7 +262,7 @@ class InputStack:
                 f"input-stack state was saved for (multicrop, batch size, rank, ranks) = {found}, "
                 f"this run has {expected}: resume with the same settings"
             )
-        self._iterator = build_iterator(self.recipe, self.shards, self.dali, checkpoint=state["dali"][0])
+        self._start(checkpoint=state["dali"][0])
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]

@@ -1,5 +1,5 @@
 """`train.py` whose SwAV loss turns NaN on rank 1 from step 3 on, as a diverging process would: the
-launched run must stop on every rank with one error, not hang. Used by tests/test_train.py."""
+launched run must stop on every rank with one error, not hang. Used by tests/test_faults.py."""
 
 import os
 import sys

@@ -46,16 +46,18 @@ def test_step_signals_are_read_a_step_late_unless_the_loop_waits():
     assert signals.stop and not signals.pending and signals.non_finite is None
 
 
-def test_step_signals_remember_the_first_non_finite_step_and_the_largest_time_share():
-    shares = iter([0.2, 0.7, 0.5])
+def test_step_signals_remember_the_first_non_finite_step_the_first_data_error_and_the_largest_time_share():
+    shares = iter([0.2, 0.7, 0.5, 0.6])
     signals = training.StepSignals(ONE_CPU_PROCESS, lambda: False, lambda: next(shares))
     signals.push(1, torch.tensor(1.0))
     signals.push(2, torch.tensor(float("nan")))
-    signals.push(3, torch.tensor(float("inf")))
+    signals.push(3, torch.tensor(float("inf")), data_error=True)
+    signals.push(4, torch.tensor(1.0), data_error=True)
     signals.update(wait=True)
     assert signals.time_share == pytest.approx(0.7)
     step, value = signals.non_finite
     assert step == 2 and value != value  # NaN
+    assert signals.data_error == 3 and signals.last_loss == 1.0
     assert not signals.stop
 
 

@@ -105,19 +105,54 @@ def train_process(*args, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A free TCP port: another run may be using accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+LAUNCH_OPTIONS = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def two_process_command(*args, script: str = "train.py") -> list[str]:
     """A real 2-process CPU run (gloo). `--cpu --num_processes 2` would silently start one process."""
-    with socket.socket() as probe:  # a free port: another run may be using accelerate's default 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), script, *TINY, *map(str, args)]
+    return [ACCELERATE, "launch", *LAUNCH_OPTIONS, "--num_machines", "1", "--main_process_port", str(free_port()),
+            script, *TINY, *map(str, args)]
 
 
 def launch_two_processes(*args, timeout: float = 240, script: str = "train.py") -> subprocess.CompletedProcess:
     return subprocess.run(two_process_command(*args, script=script), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def launch_two_machines(*args, logs: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Two `accelerate launch`es on this host as machines 0 and 1 of two, one process each (2 ranks, gloo),
+    as on a cluster: `--num_machines 2 --machine_rank R --main_process_ip IP --main_process_port P`. Their
+    output goes to files in `logs` (a launcher blocked on a full pipe would stall the other's collectives)."""
+    port, launchers, files = str(free_port()), [], []
+    try:
+        for machine in (0, 1):
+            files.append([(logs / f"machine{machine}.{kind}").open("w+") for kind in ("out", "err")])
+            command = [ACCELERATE, "launch", *LAUNCH_OPTIONS, "--num_machines", "2", "--machine_rank", str(machine),
+                       "--main_process_ip", "127.0.0.1", "--main_process_port", port, "train.py", *TINY,
+                       *map(str, args)]
+            launchers.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=files[-1][0], stderr=files[-1][1],
+                                              text=True))
+        deadline = time.monotonic() + timeout
+        for launcher in launchers:
+            launcher.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    results = []
+    for launcher, (out, err) in zip(launchers, files):
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -404,38 +439,7 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert list(losses(run)) == [1]
 
 
-# ---------------------------------------------------------------------------------------------- 5. SIGTERM
-
-
-def test_sigterm_writes_a_checkpoint_exits_zero_and_resume_auto_continues(tmp_path):
-    run = tmp_path / "run"
-    args = ["--max-steps", 400, "--checkpoint-every", 1000, "--output-dir", tmp_path, "--name", "run"]
-    process = subprocess.Popen([sys.executable, "train.py", *TINY, *map(str, args)], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((run / "metrics.jsonl").is_file() and metrics(run)):
-            assert process.poll() is None and time.monotonic() < deadline, "no metrics record"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, tail(stderr)
-    assert "Traceback" not in stderr
-    stopped_at = max(losses(run))
-    assert 1 <= stopped_at < 400
-    assert f"stop requested: checkpoint written at step {stopped_at}" in stdout
-    assert checkpoints(run) == [f"step-{stopped_at:08d}"]
-    assert not (run / "backbone.safetensors").exists()  # only a finished run exports
-
-    result = train("--max-steps", stopped_at + 2, "--checkpoint-every", 1000, "--output-dir", tmp_path,
-                   "--name", "run", "--resume", "auto")
-    assert_ok(result)
-    assert f"at step {stopped_at}" in result.stdout
-    assert list(losses(run)) == list(range(1, stopped_at + 3))
-    assert checkpoints(run) == [f"step-{stopped_at:08d}", f"step-{stopped_at + 2:08d}"]
+# ---------------------------------------------------------------------------------------------- 5. time limits
 
 
 def test_a_time_limit_ends_the_run_with_a_checkpoint_and_the_backbone_and_resume_continues(tmp_path):
@@ -478,59 +482,7 @@ def test_a_schedule_by_time_follows_the_clock_past_the_planned_steps_and_ends_an
     assert (run / "backbone.safetensors").is_file()
 
 
-# ---------------------------------------------------------------------------------------------- 6. full disk
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """(folder, limit): a real filesystem to fill, a tmpfs (mounting needs root); `limit(run, free)`
-    resizes it to leave about `free` bytes.
-
-    Without root, `limit` makes the run's checkpoints directory read-only instead (a PermissionError:
-    the same code path). As root chmod does not stop writes, so without tmpfs the test is skipped.
-    """
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        yield mount_point, lambda run, free: (run / "checkpoints").chmod(0o555)
-        for folder in mount_point.glob("*/checkpoints"):
-            folder.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-
-    def limit(run: Path, free: int) -> None:
-        size = shutil.disk_usage(mount_point).used + free
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
-
-    try:
-        yield mount_point, limit
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
-
-
-def test_a_full_disk_while_checkpointing_is_a_one_line_error_and_keeps_the_previous_checkpoint(small_disk):
-    disk, limit = small_disk
-    args = ["--checkpoint-every", 3, "--output-dir", disk, "--name", "run"]
-    assert_ok(train("--max-steps", 3, *args))
-    run = disk / "run"
-    before = file_bytes(run / "checkpoints")
-    model_size = (run / "checkpoints" / "step-00000003" / "model.safetensors").stat().st_size
-    # the disk fills in the model's file (safetensors), then in the optimizer's (torch.save): both report it
-    # in their own way; ~1 MB more is left for the small files a resumed run writes first
-    for free in (model_size // 2, model_size * 3 // 2):
-        limit(run, free)
-        result = train_process("--max-steps", 6, *args, "--resume", "auto")  # its files close as it exits
-        assert_one_line_error(result, "cannot write checkpoint", "step-00000006", "previous checkpoint is kept",
-                              alone=False)
-        assert checkpoints(run) == ["step-00000003"]  # no half-written step-00000006 or .tmp- directory
-        assert file_bytes(run / "checkpoints") == before
-        assert list(losses(run)) == [1, 2, 3, 4, 5, 6]
-
-
-# ---------------------------------------------------------------------------------------------- 7. two processes
+# ---------------------------------------------------------------------------------------------- 6. two processes
 
 
 def shard_keys(data: str) -> set[str]:
@@ -591,64 +543,11 @@ def test_two_processes_stop_together_at_the_time_limit(tmp_path, by_time):
     assert (run / "backbone.safetensors").is_file()
 
 
-def worker(launcher: subprocess.Popen, rank: int, deadline: float):
-    """The `train.py` process of `rank` under an `accelerate launch` (found by its RANK variable)."""
-    import psutil
-
-    while time.monotonic() < deadline:
-        for child in psutil.Process(launcher.pid).children(recursive=True):
-            try:
-                if "train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                    return child
-            except psutil.Error:  # gone, or not readable yet
-                continue
-        time.sleep(0.2)
-    raise AssertionError(f"no rank-{rank} process under the launcher")
-
-
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    # log every 5 steps: between log steps the ranks read their stop flags a step late, and still agree
-    args = ["--max-steps", 400, "--checkpoint-every", 1000, "--log-every", 5, "--output-dir", tmp_path, "--name", "run"]
-    launcher = subprocess.Popen(two_process_command(*args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        rank_one = worker(launcher, 1, deadline)
-        while not ((run / "metrics.jsonl").is_file() and metrics(run)):
-            assert launcher.poll() is None and time.monotonic() < deadline, "no metrics record"
-            time.sleep(0.2)
-        rank_one.send_signal(signal.SIGTERM)  # rank 1 only, as a preemption notice may reach it first
-        stdout, stderr = launcher.communicate(timeout=120)  # a rank left in a collective would hang here
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode == 0, tail(stderr)
-    assert "Traceback" not in stderr
-    (stopped,) = checkpoints(run)
-    step = int(stopped.removeprefix("step-"))
-    assert 5 <= step < 400
-    assert f"stop requested: checkpoint written at step {step}" in stdout
-    checkpoint = run / "checkpoints" / stopped
-    for rank in (0, 1):  # both ranks wrote their part of the same step's checkpoint
-        state = torch.load(checkpoint / f"input_stack_rank{rank}.pt", weights_only=True)
-        assert state["rank"] == rank and state["step_in_epoch"] == step
-    assert not (run / "backbone.safetensors").exists()
-
-
-def test_a_non_finite_loss_on_one_rank_stops_both_with_one_error(tmp_path):
-    # tests/nan_on_one_rank.py: train.py whose loss is NaN on rank 1 from step 3 on; rank 0's stays finite
-    args = ["--max-steps", 40, "--checkpoint-every", 2, "--log-every", 5, "--output-dir", tmp_path, "--name", "run"]
-    result = launch_two_processes(*args, script="tests/nan_on_one_rank.py", timeout=240)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
-    assert len(errors) == 1, tail(result.stderr, 40)
-    assert "loss is not finite on another process at step 3" in errors[0], errors[0]
-    run = tmp_path / "run"
-    assert checkpoints(run) == ["step-00000002"]  # the last good one; nothing written after the bad step
-
-
-def test_two_processes_resume_each_rank_with_its_own_swav_queue(two_process_run, tmp_path):
+def test_two_machines_resume_a_two_process_run_exactly_each_rank_with_its_own_samples_and_swav_queue(
+        two_process_run, tmp_path):
+    """Multi-node as on a cluster: the run of two processes on one machine, resumed at its step 2 by two
+    launchers as two machines of one process each (the same world size), ends as it did: the same losses,
+    weights and per-rank SwAV queues, and each rank read the same samples, no sample twice in the epoch."""
     from safetensors.torch import load_file
 
     _, run = two_process_run
@@ -661,17 +560,37 @@ def test_two_processes_resume_each_rank_with_its_own_swav_queue(two_process_run,
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")
     (resumed / "backbone.safetensors").unlink()
-    assert_ok(launch_two_processes(*TWO_PROCESS_ARGS, "--output-dir", resumed.parent, "--name", "run",
-                                   "--resume", "auto"))
+    for rank in (0, 1):  # the keys each rank read up to the checkpoint
+        log = resumed / f"keys_rank{rank}.txt"
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    machines = launch_two_machines(*TWO_PROCESS_ARGS, "--output-dir", resumed.parent, "--name", "run",
+                                   "--resume", "auto", logs=tmp_path)
+    for machine in machines:
+        assert_ok(machine)
+    assert "resumed from" in machines[0].stdout and "2 process(es) x batch 16" in machines[0].stdout
     assert losses(resumed) == losses(run)  # steps 3-4 use the queues: rank 0's everywhere would change them
     final = "checkpoints/step-00000004"
     assert_same_tensors(load_file(resumed / final / "model.safetensors"), load_file(run / final / "model.safetensors"))
     for rank in (0, 1):
         assert_same_tensors(torch.load(resumed / final / f"method_rank{rank}.pt", weights_only=True),
                             torch.load(run / final / f"method_rank{rank}.pt", weights_only=True))
+        assert (resumed / f"keys_rank{rank}.txt").read_text() == (run / f"keys_rank{rank}.txt").read_text()
+    keys = [key for rank in (0, 1) for line in (resumed / f"keys_rank{rank}.txt").read_text().splitlines()
+            for key in line.split()[1:]]
+    assert len(keys) == len(set(keys)) == 2 * 4 * 16  # split across the ranks of both machines, none read twice
 
 
-# ---------------------------------------------------------------------------------------------- 8. devices
+def test_resuming_with_another_number_of_processes_is_a_one_line_error(two_process_run, tmp_path):
+    _, run = two_process_run  # per-rank input-stack and SwAV-queue state: 2 ranks' checkpoint, 1 process here
+    copy = copy_run(run, tmp_path)
+    before = file_bytes(copy / "checkpoints")
+    result = train(*TWO_PROCESS_ARGS, "--output-dir", tmp_path, "--name", "run", "--resume", "auto")
+    error = assert_one_line_error(result, "step-00000004", "processes: 2 -> 1", "start a new run")
+    assert error.count("->") == 1  # nothing else differs
+    assert file_bytes(copy / "checkpoints") == before
+
+
+# ---------------------------------------------------------------------------------------------- 7. devices
 
 
 def test_a_checkpoint_from_another_kind_of_device_is_refused_in_one_line(six_steps, tmp_path):
