@@ -43,7 +43,10 @@ def main(argv=None) -> int:
         training = set_up(config)
     except (ConfigError, RecipeError, ShardError, CheckpointError, ValueError) as error:
         return fail(str(error))
-    return train(training)
+    try:
+        return train(training)
+    except ShardError as error:  # e.g. the kNN monitor's shards became unreadable
+        return fail(str(error))
 
 
 @dataclass
@@ -191,14 +194,19 @@ def train(t: Training) -> int:
     signals = StepSignals(accelerator, install_stop_handlers(), time_share(config.time_limit))
     learning = LearningCheck(fresh=t.start_step == 0)
     throughput = Throughput(t.train_stack, config.batch_size * accelerator.num_processes)
-    step, epoch_losses, timed_out = t.start_step, [], False
+    step, epoch_losses, timed_out, read_error = t.start_step, [], False, None
     while by_time or step < total_steps:
         epoch = step // t.steps_per_epoch
         at = t.schedule_index(step, signals.time_share)
         progress = Progress(step=at, epoch=at // t.steps_per_epoch, total_steps=total_steps,
                             steps_per_epoch=t.steps_per_epoch)
         t.apply_schedules(at)
-        batch = next(t.train_stack)
+        try:
+            batch = next(t.train_stack)
+        except ShardError as error:  # e.g. a shard gone from S3; every rank stops when the flag is read
+            if step == t.start_step:
+                raise
+            read_error = read_error or str(error)  # `batch` is still the previous one: step on it again
         if keys_log:
             keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
         if config.channels_last:
@@ -207,7 +215,7 @@ def train(t: Training) -> int:
         # ---- one step
         with accelerator.autocast():
             loss, metrics = t.method(batch, progress)
-        signals.push(step + 1, loss)  # step + 1: the numbering of metrics.jsonl and checkpoints
+        signals.push(step + 1, loss, read_failed=read_error is not None)  # step + 1: metrics.jsonl's numbering
         optimizer_step(accelerator, t.method, t.optimizer, loss, progress, config.grad_clip)
         step += 1
         throughput.step()
@@ -228,6 +236,12 @@ def train(t: Training) -> int:
             return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch "
                                    f"{(bad_step - 1) // t.steps_per_epoch}); the last good checkpoint in "
                                    f"{t.run.checkpoint_dir} is kept: lower --lr or check the data")
+        if signals.read_failure is not None:  # before the step's log and checkpoint: neither is written
+            progress_bar.close()
+            t.logger.close()
+            return fail_everywhere(accelerator, f"{agreed_read_error(accelerator, read_error)} (at step "
+                                   f"{signals.read_failure}); the last checkpoint in {t.run.checkpoint_dir} is "
+                                   "kept: --resume auto continues from it")
         epoch_losses += learning.observe(signals.take_losses())
         timed_out = signals.time_share >= 1 and (by_time or step < total_steps)
         finished = planned_end or timed_out
@@ -526,6 +540,16 @@ class make_progress_bar:
 def fail(message: str) -> int:
     print(f"train.py: error: {message}", file=sys.stderr)
     return 2
+
+
+def agreed_read_error(accelerator, own: str | None) -> str:
+    """The read error of the first rank that had one (every rank calls this once the ranks agreed one did)."""
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import gather_object
+
+    errors = [error for error in gather_object([own]) if error]
+    return errors[0]
 
 
 def fail_everywhere(accelerator, message: str) -> int:

@@ -194,8 +194,10 @@ def time_share(minutes: float | None):
 
 class StepSignals:
     """What every rank must agree on after a step, as one small tensor all-reduced (max) across ranks:
-    a stop request (SIGTERM/SIGINT on any rank), a non-finite loss (on any rank) and the share of
-    --time-limit used (the largest). This rank's loss rides along (not reduced) for the log.
+    a stop request (SIGTERM/SIGINT on any rank), a non-finite loss (on any rank), the share of
+    --time-limit used (the largest) and a rank that could not read its batch (e.g. a shard gone from
+    S3; that rank stepped on its previous batch to keep the collectives in step). This rank's loss rides
+    along (not reduced) for the log.
 
     Reading the values waits for the device, so the loop reads them one step late (`update(wait=False)`:
     every step but the newest; the host keeps queuing work for the GPU) and at once only where a decision
@@ -212,22 +214,24 @@ class StepSignals:
         self.stop = False
         self.time_share = 0.0
         self.non_finite: tuple[int, float] | None = None  # (first bad step, this rank's loss there)
+        self.read_failure: int | None = None  # the first step some rank could not read its batch for
         self.last_loss = float("nan")
         self._losses: list[float] = []
 
-    def push(self, step: int, loss: torch.Tensor) -> None:
-        values = torch.zeros(4, device=self.device)  # stop, non-finite, time share, loss: no host copy
+    def push(self, step: int, loss: torch.Tensor, read_failed: bool = False) -> None:
+        values = torch.zeros(5, device=self.device)  # stop, non-finite, time share, read failed, loss: no host copy
         values[0] = float(self.stop_requested())
         values[1] = ~torch.isfinite(loss.detach()).all()
         values[2] = self.time_share_used() if self.time_share_used else 0.0
+        values[3] = float(read_failed)
         if self.distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(values[:3], op=dist.ReduceOp.MAX)
-        values[3] = loss.detach().float()
+            dist.all_reduce(values[:4], op=dist.ReduceOp.MAX)
+        values[4] = loss.detach().float()
         event = None
         if self.device.type == "cuda":
-            host = torch.empty(4, pin_memory=True)
+            host = torch.empty(5, pin_memory=True)
             host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -240,11 +244,13 @@ class StepSignals:
             step, values, event = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            stop, non_finite, share, loss = values.tolist()
+            stop, non_finite, share, read_failed, loss = values.tolist()
             self.stop = self.stop or stop > 0
             self.time_share = max(self.time_share, share)
             if non_finite > 0 and self.non_finite is None:
                 self.non_finite = (step, loss)
+            if read_failed > 0 and self.read_failure is None:
+                self.read_failure = step
             self.last_loss = loss
             self._losses.append(loss)
 

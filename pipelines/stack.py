@@ -147,7 +147,7 @@ class InputStack:
         self.epoch = 0
         self.step_in_epoch = 0
         self.wait_seconds = 0.0
-        self._iterator = build_iterator(recipe, self.shards, self.dali)
+        self._iterator = self._reading(build_iterator, recipe, self.shards, self.dali)
 
     def __iter__(self):
         return self
@@ -155,15 +155,26 @@ class InputStack:
     def __next__(self) -> Batch:
         started = time.perf_counter()
         try:
-            outputs = next(self._iterator)[0]
+            outputs = self._reading(next, self._iterator)[0]
         except StopIteration:  # end of an epoch; the iterator has reset itself
             self.epoch += 1
             self.step_in_epoch = 0
-            outputs = next(self._iterator)[0]
+            outputs = self._reading(next, self._iterator)[0]
         batch = self._assemble(outputs)
         self.step_in_epoch += 1
         self.wait_seconds += time.perf_counter() - started
         return batch
+
+    def _reading(self, call, *args):
+        """`call(*args)`; for a set in S3 a DALI read failure becomes a one-line ShardError saying why."""
+        try:
+            return call(*args)
+        except RuntimeError as error:
+            if not self.shards.remote:
+                raise
+            from pipelines.s3 import read_failure
+
+            raise read_failure(self.shards, error) from None
 
     def _assemble(self, outputs: dict[str, torch.Tensor]) -> Batch:
         # DALI hands every output but the keys over on `device` already (pipelines/dali_stage.py), as
@@ -220,7 +231,7 @@ class InputStack:
                 f"input-stack state was saved for (multicrop, batch size, rank, ranks) = {found}, "
                 f"this run has {expected}: resume with the same settings"
             )
-        self._iterator = build_iterator(self.recipe, self.shards, self.dali, checkpoint=state["dali"][0])
+        self._iterator = self._reading(build_iterator, self.recipe, self.shards, self.dali, state["dali"][0])
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
