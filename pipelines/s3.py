@@ -122,8 +122,8 @@ def store_error(error: Exception, url: str, doing: str) -> ShardError:
             return ShardError(f"bucket {bucket} does not exist at {endpoint_description()} ({url}): check the URL "
                               "and AWS_ENDPOINT_URL, or create the bucket")
         if code in _REFUSED_CREDENTIALS:
-            return ShardError(f"{endpoint_description()} refused the credentials for {url} ({code}): "
-                              f"{CREDENTIALS_FIX} to valid ones")
+            return ShardError(f"{endpoint_description()} refused the credentials for {url} ({code}): check "
+                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials)")
         if code in ("AccessDenied", "403") or status == 403:
             return ShardError(f"access to {url} denied ({code or status}): the credentials need s3:ListBucket "
                               "and s3:GetObject (s3:PutObject to upload) on it")

@@ -1,0 +1,336 @@
+"""Shard sets in S3, against a real S3 HTTP endpoint: moto's server, started by this module in a process of
+its own (DALI's pipeline build holds the GIL while its AWS SDK waits for the endpoint, so a server thread
+in this process would stall it). DALI reads the tars from it, boto3 the manifest and indexes; `train.py`
+runs in this process where it can, under a real two-process `accelerate launch` where ranks matter.
+
+The set: 128 samples of the 2k demo validation set in 4 tars (`make_shards.py --limit 128 --shard-size
+200KB`), uploaded by `make_shards.py` itself: DALI fetches every sample's image and label with a request
+of its own, so a run's reads cost requests, not bytes. The credentials are made up; the secret key is a marker
+that no file a run writes, and nothing it prints, may contain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.shards import ShardError, open_shard_set, sample_labels
+from test_train import (DATA, ENV, ROOT, assert_ok, assert_one_line_error, checkpoints, losses, tail, train,
+                        two_process_command, worker)
+
+BUCKET = "fastssl-test"
+SECRET = "fastssl-test-secret-7c1f0e"  # must never appear in a run's files or output
+SET_OPTIONS = ["--limit", "128", "--shard-size", "200KB", "--workers", "1"]
+SMALL_RUN = ["--batch-size", "8", "--val-data", ""]
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------- the endpoint
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server` on a free port, its request log (moto's recorder) in `recording`."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.recording = folder / f"moto-{self.port}.jsonl"
+        env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.recording)}
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=1).close()
+                return
+            except OSError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+
+    def api(self, path: str, body: str = "") -> None:
+        request = urllib.request.Request(f"{self.url}/moto-api/{path}", data=body.encode(), method="POST",
+                                         headers={"Content-Type": "text/plain"})  # not a form: moto reads the body
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def requests(self, action):
+        """(method, path) of every request `action()` sent, in order."""
+        self.api("recorder/reset-recording")
+        self.api("recorder/start-recording")
+        try:
+            action()
+        finally:
+            self.api("recorder/stop-recording")
+        entries = [json.loads(line) for line in self.recording.read_text().splitlines() if line.strip()]
+        return [(entry["method"], entry["url"].split("//", 1)[-1].split("/", 1)[-1]) for entry in entries]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def aws_environment(endpoint: str, cache: Path) -> dict[str, str]:
+    """The standard AWS variables for the test endpoint (no ~/.aws file of the machine is read), one
+    attempt per request (a fault shows at once), and the fastssl cache in `cache`."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "fastssl-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(cache / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(cache / "no-aws-creds"),
+            "AWS_MAX_ATTEMPTS": "1", "FASTSSL_CACHE": str(cache)}
+
+
+def upload(prefix: str, *extra: str) -> None:
+    """`make_shards.py DATA s3://BUCKET/prefix` with the test set's options, in this process."""
+    from tools.make_shards import main as make_shards
+
+    assert make_shards([DATA, f"s3://{BUCKET}/{prefix}", *SET_OPTIONS, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(server, environment): the module's endpoint with the bucket and the set `small` in it, this
+    process's environment pointed at it for the module (DALI's AWS client reads it once per process)."""
+    folder = tmp_path_factory.mktemp("s3")
+    server = MotoServer(folder)
+    environment = aws_environment(server.url, folder / "cache")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        from pipelines.s3 import client
+
+        client().create_bucket(Bucket=BUCKET)
+        upload("small")
+        yield server, environment
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_copy(tmp_path_factory) -> Path:
+    """The same set written locally (make_shards.py is deterministic)."""
+    from tools.make_shards import main as make_shards
+
+    out = tmp_path_factory.mktemp("local") / "small"
+    assert make_shards([DATA, str(out), *SET_OPTIONS]) == 0
+    return out
+
+
+def objects(prefix: str) -> dict[str, bytes]:
+    from pipelines.s3 import client
+
+    s3 = client()
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {item["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            for item in listed}
+
+
+def no_secret_in(folder: Path, *texts: str) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    for text in texts:
+        assert SECRET not in text
+
+
+# ---------------------------------------------------------------------------------------------- the set
+
+
+def test_make_shards_uploads_the_set_a_local_build_writes_with_the_manifest_last(store, local_copy):
+    server, _ = store
+    requests = server.requests(lambda: upload("copy/small"))  # a set is named after its folder: "small"
+    written = [path.rsplit("/", 1)[1] for method, path in requests if method == "PUT" and "/copy/small/" in path]
+    assert written[-1] == "manifest.json" and sorted(written) == sorted(p.name for p in local_copy.iterdir())
+    assert objects("copy/small") == {path.name: path.read_bytes() for path in local_copy.iterdir()}
+    assert not list((Path(os.environ["FASTSSL_CACHE"]) / "staging").iterdir())  # the local copy is gone
+
+    from tools.make_shards import main as make_shards
+
+    assert make_shards([DATA, f"s3://{BUCKET}/copy/small", *SET_OPTIONS]) == 2  # not over a set without --force
+
+
+def test_open_fetches_manifest_and_indexes_once_by_etag_and_sees_a_new_upload(store, local_copy):
+    server, _ = store
+    shards = open_shard_set(f"s3://{BUCKET}/small", need_labels=True)
+    local = open_shard_set(str(local_copy))
+    assert shards.root == f"s3://{BUCKET}/small" and shards.tars[0] == f"s3://{BUCKET}/small/small-000000.tar"
+    assert (shards.num_samples, shards.counts, shards.classes) == (local.num_samples, local.counts, local.classes)
+    for cached, index in zip(shards.indexes, local.indexes):
+        assert cached.read_bytes() == index.read_bytes()
+        assert cached.name == shards.etags[index.name]  # the cache file is named by the object's ETag
+    assert (sample_labels(shards) == sample_labels(local)).all()  # one streamed pass over each tar
+
+    again = server.requests(lambda: open_shard_set(f"s3://{BUCKET}/small"))
+    assert [method for method, _ in again] == ["GET"] and "list-type=2" in again[0][1]  # a listing, no fetch
+
+    manifest = json.loads((local_copy / "manifest.json").read_text())
+    from pipelines.s3 import client
+
+    client().put_object(Bucket=BUCKET, Key="small/manifest.json", Body=json.dumps({**manifest, "seed": 1}).encode())
+    changed = open_shard_set(f"s3://{BUCKET}/small")
+    assert changed.manifest["seed"] == 1 and changed.etags["manifest.json"] != shards.etags["manifest.json"]
+    client().put_object(Bucket=BUCKET, Key="small/manifest.json", Body=(local_copy / "manifest.json").read_bytes())
+
+
+def test_the_input_stack_reads_the_same_batches_from_s3_as_from_disk(store, local_copy):
+    from pipelines.spec import preset
+    from pipelines.stack import InputStack
+
+    recipe = preset("simclr").with_multicrop("2x32")
+    stacks = [InputStack(recipe, data, 16, num_threads=1, seed=3, sample_indices=True)
+              for data in (f"s3://{BUCKET}/small", str(local_copy))]
+    for _ in range(3):
+        remote, local = (next(stack) for stack in stacks)
+        assert remote.keys == local.keys
+        assert torch.equal(remote.indices, local.indices) and torch.equal(remote.labels, local.labels)
+        assert all(torch.equal(a, b) for a, b in zip(remote.views, local.views))
+
+
+@pytest.mark.parametrize("fault", ["no bucket", "no set", "refused credentials", "no endpoint"])
+def test_store_faults_are_one_line_errors_naming_the_url_and_the_fix(store, fault, monkeypatch):
+    server, _ = store
+    url = {"no bucket": "s3://no-such-bucket/set", "no set": f"s3://{BUCKET}/nothing-here"}.get(fault,
+                                                                                               f"s3://{BUCKET}/small")
+    expected = {"no bucket": "bucket no-such-bucket does not exist", "no set": "no shard set at",
+                "refused credentials": "refused the credentials", "no endpoint": "cannot reach"}[fault]
+    if fault == "no endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    if fault == "refused credentials":
+        server.api("reset-auth", "0")  # from now on moto checks access keys: ours is unknown to it
+    try:
+        with pytest.raises(ShardError) as raised:
+            open_shard_set(url)
+        if fault == "refused credentials":
+            result = train("--data", url, *SMALL_RUN)
+    finally:
+        if fault == "refused credentials":
+            server.api("reset-auth", "inf")
+    message = str(raised.value)
+    assert "\n" not in message and expected in message and url.split("/")[2] in message, message
+    assert SECRET not in message
+    if fault == "refused credentials":  # what a user sees: one line, exit 2
+        assert_one_line_error(result, expected, "AWS_SECRET_ACCESS_KEY")
+        assert SECRET not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def launch(environment: dict, *args) -> subprocess.Popen:
+    return subprocess.Popen(two_process_command(*args), cwd=ROOT, env={**ENV, **environment}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(process: subprocess.Popen, run: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run / "checkpoints").is_dir() and checkpoints(run)):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+
+
+def test_two_ranks_train_from_s3_stop_on_sigterm_resume_and_finish_without_writing_the_secret(store, tmp_path):
+    _, environment = store
+    run = tmp_path / "run"
+    args = ["--data", f"s3://{BUCKET}/small", *SMALL_RUN, "--checkpoint-every", 2, "--output-dir", tmp_path,
+            "--name", "run"]
+    launcher = launch(environment, *args, "--max-steps", 400)
+    try:
+        wait_for_checkpoint(launcher, run)
+        worker(launcher, 1, time.monotonic() + 30).send_signal(signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, tail(stderr)
+    stopped = max(losses(run))
+    assert f"stop requested: checkpoint written at step {stopped}" in stdout
+
+    resumed = subprocess.run(two_process_command(*args, "--max-steps", stopped + 2, "--resume", "auto"), cwd=ROOT,
+                             env={**ENV, **environment}, capture_output=True, text=True, timeout=240)
+    assert_ok(resumed)
+    assert list(losses(run)) == list(range(1, stopped + 3))
+    assert checkpoints(run)[-1] == f"step-{stopped + 2:08d}" and (run / "backbone.safetensors").is_file()
+    assert f"data: s3://{BUCKET}/small" in (run / "config.yaml").read_text()
+    no_secret_in(run, stdout, stderr, resumed.stdout, resumed.stderr)
+
+
+def checkpoint_files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()}
+
+
+def test_a_shard_deleted_mid_run_stops_both_ranks_with_one_error_and_keeps_the_checkpoints(store, tmp_path):
+    _, environment = store
+    upload("doomed")
+    run = tmp_path / "run"
+    launcher = launch(environment, "--data", f"s3://{BUCKET}/doomed", *SMALL_RUN, "--max-steps", 400,
+                      "--checkpoint-every", 2, "--output-dir", tmp_path, "--name", "run")
+    try:
+        wait_for_checkpoint(launcher, run)
+        from pipelines.s3 import client
+
+        for name in objects("doomed"):
+            if name.endswith(".tar"):
+                client().delete_object(Bucket=BUCKET, Key=f"doomed/{name}")
+        stdout, stderr = launcher.communicate(timeout=120)  # a rank left in a collective would hang here
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert launcher.returncode != 0 and len(errors) == 1, tail(stderr, 40)
+    assert "is gone from the bucket" in errors[0] and "--resume auto continues from it" in errors[0], errors[0]
+    failed_at = int(errors[0].split("(at step ")[1].split(")")[0])
+    last = checkpoints(run)[-1]
+    assert int(last.removeprefix("step-")) < failed_at and not any(".tmp" in name for name in checkpoints(run))
+    from safetensors.torch import load_file
+
+    load_file(run / "checkpoints" / last / "model.safetensors")  # whole
+    assert 'train.py", line' not in stderr  # no traceback of a rank (the launcher prints its own)
+
+
+def test_an_endpoint_that_goes_away_is_a_one_line_error_and_keeps_the_checkpoint(store, tmp_path):
+    server = MotoServer(tmp_path)  # this run's own endpoint, to stop
+    environment = aws_environment(server.url, tmp_path / "cache")
+    run = tmp_path / "run"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            from pipelines.s3 import client
+
+            client().create_bucket(Bucket=BUCKET)
+            upload("small")
+        command = [sys.executable, "train.py", "--data", f"s3://{BUCKET}/small", *SMALL_RUN, "--backbone", "resnet10t",
+                   "--stem", "standard", "--multicrop", "2x32+2x16", "--data-threads", "1", "--max-steps", "400",
+                   "--checkpoint-every", "2", "--output-dir", str(tmp_path), "--name", "run"]
+        process = subprocess.Popen(command, cwd=ROOT, env={**ENV, **environment}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_checkpoint(process, run)
+            before = checkpoint_files(run)
+            server.stop()
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    finally:
+        server.stop()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    error = assert_one_line_error(result, f"cannot reach {server.url}", f"s3://{BUCKET}/small", alone=False)
+    assert "--resume auto continues from it" in error
+    after = checkpoint_files(run)
+    assert {name: data for name, data in after.items() if name in before} == before  # nothing overwritten
+    no_secret_in(run, stdout, stderr)
+
