@@ -59,6 +59,16 @@ def test_step_signals_remember_the_first_non_finite_step_and_the_largest_time_sh
     assert not signals.stop
 
 
+def test_step_signals_remember_the_first_step_a_batch_could_not_be_read_for():
+    signals = training.StepSignals(ONE_CPU_PROCESS, lambda: False)
+    signals.push(1, torch.tensor(1.0))
+    signals.push(2, torch.tensor(1.0), read_failed=True)
+    signals.push(3, torch.tensor(1.0), read_failed=True)
+    signals.update(wait=False)  # read a step late, as the loop does between log steps
+    assert signals.read_failure == 2 and signals.take_losses() == [1.0, 1.0]
+    assert not signals.stop and signals.non_finite is None
+
+
 # ---------------------------------------------------------------------------------------------- SyncBN
 
 
