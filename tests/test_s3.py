@@ -3,8 +3,8 @@ its own (DALI's pipeline build holds the GIL while its AWS SDK waits for the end
 in this process would stall it). DALI reads the tars from it, boto3 the manifest and indexes; `train.py`
 runs in this process where it can, under a real two-process `accelerate launch` where ranks matter.
 
-The set: 128 samples of the 2k demo validation set in 4 tars (`make_shards.py --limit 128 --shard-size
-200KB`), uploaded by `make_shards.py` itself: DALI fetches every sample's image and label with a request
+The set: 64 samples of the 2k demo validation set in 4 tars (`make_shards.py --limit 64 --shard-size
+100KB`), uploaded by `make_shards.py` itself: DALI fetches every sample's image and label with a request
 of its own, so a run's reads cost requests, not bytes. The credentials are made up; the secret key is a marker
 that no file a run writes, and nothing it prints, may contain.
 """
@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,7 +31,7 @@ from test_train import (DATA, ENV, ROOT, assert_ok, assert_one_line_error, check
 
 BUCKET = "fastssl-test"
 SECRET = "fastssl-test-secret-7c1f0e"  # must never appear in a run's files or output
-SET_OPTIONS = ["--limit", "128", "--shard-size", "200KB", "--workers", "1"]
+SET_OPTIONS = ["--limit", "64", "--shard-size", "100KB", "--workers", "1"]
 SMALL_RUN = ["--batch-size", "8", "--val-data", ""]
 
 pytestmark = pytest.mark.slow
@@ -46,12 +47,16 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """`python -m moto.server` on a free port, its request log (moto's recorder) in `recording`."""
+    """`python -m moto.server` on a free port, its request log (moto's recorder) in `recording`; `stop`
+    ends it, `start` starts an empty one on the same port."""
 
     def __init__(self, folder: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.recording = folder / f"moto-{self.port}.jsonl"
+        self.start()
+
+    def start(self) -> None:
         env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.recording)}
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,8 +108,10 @@ def upload(prefix: str, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """(server, environment): the module's endpoint with the bucket and the set `small` in it, this
-    process's environment pointed at it for the module (DALI's AWS client reads it once per process)."""
+    """(server, environment, upload requests): the module's endpoint with the bucket and the set `small`
+    in it, uploaded by make_shards.py, and the (method, path) of each request the upload sent; this
+    process's environment points at the endpoint for the module (DALI's AWS client reads it once per
+    process)."""
     folder = tmp_path_factory.mktemp("s3")
     server = MotoServer(folder)
     environment = aws_environment(server.url, folder / "cache")
@@ -114,8 +121,8 @@ def store(tmp_path_factory):
         from pipelines.s3 import client
 
         client().create_bucket(Bucket=BUCKET)
-        upload("small")
-        yield server, environment
+        requests = server.requests(lambda: upload("small"))
+        yield server, environment, requests
     server.stop()
 
 
@@ -149,21 +156,29 @@ def no_secret_in(folder: Path, *texts: str) -> None:
 # ---------------------------------------------------------------------------------------------- the set
 
 
+def copy_set(source: str, prefix: str) -> None:
+    """The objects of the set at `source` copied (in the store) to `prefix`: the same bytes and ETags."""
+    from pipelines.s3 import client
+
+    s3 = client()
+    for name in objects(source):
+        s3.copy_object(Bucket=BUCKET, Key=f"{prefix}/{name}", CopySource={"Bucket": BUCKET, "Key": f"{source}/{name}"})
+
+
 def test_make_shards_uploads_the_set_a_local_build_writes_with_the_manifest_last(store, local_copy):
-    server, _ = store
-    requests = server.requests(lambda: upload("copy/small"))  # a set is named after its folder: "small"
-    written = [path.rsplit("/", 1)[1] for method, path in requests if method == "PUT" and "/copy/small/" in path]
+    _, _, requests = store
+    written = [path.rsplit("/", 1)[1] for method, path in requests if method == "PUT" and "/small/" in path]
     assert written[-1] == "manifest.json" and sorted(written) == sorted(p.name for p in local_copy.iterdir())
-    assert objects("copy/small") == {path.name: path.read_bytes() for path in local_copy.iterdir()}
+    assert objects("small") == {path.name: path.read_bytes() for path in local_copy.iterdir()}
     assert not list((Path(os.environ["FASTSSL_CACHE"]) / "staging").iterdir())  # the local copy is gone
 
     from tools.make_shards import main as make_shards
 
-    assert make_shards([DATA, f"s3://{BUCKET}/copy/small", *SET_OPTIONS]) == 2  # not over a set without --force
+    assert make_shards([DATA, f"s3://{BUCKET}/small", *SET_OPTIONS]) == 2  # not over a set without --force
 
 
 def test_open_fetches_manifest_and_indexes_once_by_etag_and_sees_a_new_upload(store, local_copy):
-    server, _ = store
+    server, _, _ = store
     shards = open_shard_set(f"s3://{BUCKET}/small", need_labels=True)
     local = open_shard_set(str(local_copy))
     assert shards.root == f"s3://{BUCKET}/small" and shards.tars[0] == f"s3://{BUCKET}/small/small-000000.tar"
@@ -201,7 +216,7 @@ def test_the_input_stack_reads_the_same_batches_from_s3_as_from_disk(store, loca
 
 @pytest.mark.parametrize("fault", ["no bucket", "no set", "refused credentials", "no endpoint"])
 def test_store_faults_are_one_line_errors_naming_the_url_and_the_fix(store, fault, monkeypatch):
-    server, _ = store
+    server, _, _ = store
     url = {"no bucket": "s3://no-such-bucket/set", "no set": f"s3://{BUCKET}/nothing-here"}.get(fault,
                                                                                                f"s3://{BUCKET}/small")
     expected = {"no bucket": "bucket no-such-bucket does not exist", "no set": "no shard set at",
@@ -236,13 +251,13 @@ def launch(environment: dict, *args) -> subprocess.Popen:
 
 def wait_for_checkpoint(process: subprocess.Popen, run: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while not ((run / "checkpoints").is_dir() and checkpoints(run)):
+    while not ((run / "checkpoints").is_dir() and any(name.startswith("step-") for name in checkpoints(run))):
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.2)
 
 
 def test_two_ranks_train_from_s3_stop_on_sigterm_resume_and_finish_without_writing_the_secret(store, tmp_path):
-    _, environment = store
+    _, environment, _ = store
     run = tmp_path / "run"
     args = ["--data", f"s3://{BUCKET}/small", *SMALL_RUN, "--checkpoint-every", 2, "--output-dir", tmp_path,
             "--name", "run"]
@@ -268,12 +283,14 @@ def test_two_ranks_train_from_s3_stop_on_sigterm_resume_and_finish_without_writi
 
 
 def checkpoint_files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()}
+    """The files of the run's complete checkpoints (not of one being written, under a temporary name)."""
+    return {str(path.relative_to(run)): path.read_bytes() for folder in sorted((run / "checkpoints").glob("step-*"))
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_a_shard_deleted_mid_run_stops_both_ranks_with_one_error_and_keeps_the_checkpoints(store, tmp_path):
-    _, environment = store
-    upload("doomed")
+    _, environment, _ = store
+    copy_set("small", "doomed")
     run = tmp_path / "run"
     launcher = launch(environment, "--data", f"s3://{BUCKET}/doomed", *SMALL_RUN, "--max-steps", 400,
                       "--checkpoint-every", 2, "--output-dir", tmp_path, "--name", "run")
@@ -300,37 +317,31 @@ def test_a_shard_deleted_mid_run_stops_both_ranks_with_one_error_and_keeps_the_c
     assert 'train.py", line' not in stderr  # no traceback of a rank (the launcher prints its own)
 
 
-def test_an_endpoint_that_goes_away_is_a_one_line_error_and_keeps_the_checkpoint(store, tmp_path):
-    server = MotoServer(tmp_path)  # this run's own endpoint, to stop
-    environment = aws_environment(server.url, tmp_path / "cache")
+def test_an_endpoint_that_goes_away_is_a_one_line_error_and_keeps_the_checkpoints(store, local_copy, tmp_path):
+    server, _, _ = store
     run = tmp_path / "run"
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            for name, value in environment.items():
-                patch.setenv(name, value)
-            from pipelines.s3 import client
+    before = {}
 
-            client().create_bucket(Bucket=BUCKET)
-            upload("small")
-        command = [sys.executable, "train.py", "--data", f"s3://{BUCKET}/small", *SMALL_RUN, "--backbone", "resnet10t",
-                   "--stem", "standard", "--multicrop", "2x32+2x16", "--data-threads", "1", "--max-steps", "400",
-                   "--checkpoint-every", "2", "--output-dir", str(tmp_path), "--name", "run"]
-        process = subprocess.Popen(command, cwd=ROOT, env={**ENV, **environment}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for_checkpoint(process, run)
-            before = checkpoint_files(run)
-            server.stop()
-            stdout, stderr = process.communicate(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    finally:
+    def stop_the_endpoint_after_a_checkpoint():
+        deadline = time.monotonic() + 120
+        while not before and time.monotonic() < deadline:
+            time.sleep(0.05)
+            before.update(checkpoint_files(run) if (run / "checkpoints").is_dir() else {})
         server.stop()
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    watcher = threading.Thread(target=stop_the_endpoint_after_a_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        result = train("--data", f"s3://{BUCKET}/small", *SMALL_RUN, "--max-steps", 400, "--checkpoint-every", 2,
+                       "--keep-checkpoints", 400, "--output-dir", tmp_path, "--name", "run")
+    finally:
+        watcher.join(timeout=130)
+        server.start()  # the same port, for the module's later tests: the bucket and the set again
+        from pipelines.s3 import S3Prefix, client, upload_shard_set
+
+        client().create_bucket(Bucket=BUCKET)
+        upload_shard_set(local_copy, S3Prefix(BUCKET, "small"), sorted(p.name for p in local_copy.iterdir()), [])
     error = assert_one_line_error(result, f"cannot reach {server.url}", f"s3://{BUCKET}/small", alone=False)
     assert "--resume auto continues from it" in error
-    after = checkpoint_files(run)
-    assert {name: data for name, data in after.items() if name in before} == before  # nothing overwritten
-    no_secret_in(run, stdout, stderr)
-
+    assert before and {name: data for name, data in checkpoint_files(run).items() if name in before} == before
+    no_secret_in(run, result.stdout, result.stderr)
