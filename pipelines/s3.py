@@ -29,10 +29,6 @@ _REFUSED_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidT
                         "InvalidClientTokenId", "TokenRefreshRequired"}
 
 
-def is_s3_url(location) -> bool:
-    return isinstance(location, str) and location.startswith(SCHEME)
-
-
 @dataclass(frozen=True)
 class S3Prefix:
     """A shard set's place in a bucket: `s3://bucket/prefix` (no trailing slash)."""
@@ -82,11 +78,14 @@ def cache_path(where: S3Prefix, name: str, etag: str) -> Path:
 
 
 def endpoint_description() -> str:
-    """The endpoint requests go to, for messages: AWS_ENDPOINT_URL without any user:password part."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    """The endpoint requests go to, for messages: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (the SDKs'
+    order) without any user:password part."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         return "the AWS S3 endpoint"
     parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return "the endpoint in AWS_ENDPOINT_URL"
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
