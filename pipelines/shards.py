@@ -194,7 +194,7 @@ def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> Sha
 
 
 def make_shard_set(root: Path | str, manifest: dict, tars: list, indexes: list[Path], *, need_labels: bool,
-              etags: dict[str, str] | None = None) -> ShardSet:
+                   etags: dict[str, str] | None = None) -> ShardSet:
     """The `ShardSet` of checked shards (`tars`, `indexes` in manifest order), after the set-wide checks."""
     counts = [int(entry["num_samples"]) for entry in manifest.get("shards") or []]
     if not counts:
