@@ -278,7 +278,8 @@ def test_two_ranks_train_from_s3_stop_on_sigterm_resume_and_finish_without_writi
     assert_ok(resumed)
     assert list(losses(run)) == list(range(1, stopped + 3))
     assert checkpoints(run)[-1] == f"step-{stopped + 2:08d}" and (run / "backbone.safetensors").is_file()
-    assert f"data: s3://{BUCKET}/small" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()
+    assert f"data: s3://{BUCKET}/small" in config and f"s3_endpoint: {environment['AWS_ENDPOINT_URL']}" in config
     no_secret_in(run, stdout, stderr, resumed.stdout, resumed.stderr)
 
 
