@@ -200,18 +200,21 @@ def test_open_fetches_manifest_and_indexes_once_by_etag_and_sees_a_new_upload(st
     client().put_object(Bucket=BUCKET, Key="small/manifest.json", Body=(local_copy / "manifest.json").read_bytes())
 
 
-def test_the_input_stack_reads_the_same_batches_from_s3_as_from_disk(store, local_copy):
+def test_the_input_stack_reads_the_same_batches_from_s3_as_from_disk_and_resumes_mid_epoch(store, local_copy):
     from pipelines.spec import preset
     from pipelines.stack import InputStack
 
     recipe = preset("simclr").with_multicrop("2x32")
     stacks = [InputStack(recipe, data, 16, num_threads=1, seed=3, sample_indices=True)
               for data in (f"s3://{BUCKET}/small", str(local_copy))]
-    for _ in range(3):
+    for _ in range(2):
         remote, local = (next(stack) for stack in stacks)
         assert remote.keys == local.keys
         assert torch.equal(remote.indices, local.indices) and torch.equal(remote.labels, local.labels)
         assert all(torch.equal(a, b) for a, b in zip(remote.views, local.views))
+    resumed = InputStack(recipe, f"s3://{BUCKET}/small", 16, num_threads=1, seed=3)
+    resumed.load_state_dict(stacks[0].state_dict())  # DALI's reader state, restored over S3
+    assert next(resumed).keys == next(stacks[0]).keys
 
 
 @pytest.mark.parametrize("fault", ["no bucket", "no set", "refused credentials", "no endpoint"])
