@@ -235,7 +235,8 @@ def train(t: Training) -> int:
             progress_bar.close()
             t.logger.close()
             return fail_everywhere(accelerator, f"at step {signals.data_error}: "
-                                                f"{first_data_error(accelerator, data_error)}")
+                                                f"{first_data_error(accelerator, data_error)}; the last checkpoint "
+                                                f"in {t.run.checkpoint_dir} is kept: --resume auto continues from it")
         if signals.non_finite is not None:
             progress_bar.close()  # the error goes on its own line, after the bar
             t.logger.close()
@@ -598,10 +599,15 @@ def synchronise_batch_norm(config: Config, cls, method, device_type: str, world:
 def runtime_settings(config: Config, accelerator, batch_norm_note: str) -> dict:
     """How the run computes, for config.yaml."""
     cuda = accelerator.device.type == "cuda"
-    return {"device": accelerator.device.type, "processes": accelerator.num_processes,
-            "mixed_precision": config.mixed_precision, "batch_norm": batch_norm_note,
-            "tf32": bool(cuda and torch.backends.cuda.matmul.allow_tf32),
-            "cudnn_benchmark": bool(cuda and torch.backends.cudnn.benchmark)}
+    settings = {"device": accelerator.device.type, "processes": accelerator.num_processes,
+                "mixed_precision": config.mixed_precision, "batch_norm": batch_norm_note,
+                "tf32": bool(cuda and torch.backends.cuda.matmul.allow_tf32),
+                "cudnn_benchmark": bool(cuda and torch.backends.cudnn.benchmark)}
+    if any((location or "").startswith("s3://") for location in (config.data, config.val_data)):
+        from pipelines.s3 import endpoint_description
+
+        settings["s3_endpoint"] = endpoint_description()  # where the s3:// URLs were read; no credentials
+    return settings
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ index `<name>-%06d.idx` per tar. `open_shard_set` is the cheap check every reade
 webdataset reader segfaults on an index entry that points past the end of its tar (a truncated
 copy), so that is caught here, from the index lines and the file sizes alone. `verify_shard_set`
 is the deep check behind `make_shards.py --verify`: it reads every tar member and decodes every image.
+A set in S3 (`s3://bucket/prefix`) opens the same way (pipelines/s3.py): its tars stay in the bucket,
+where DALI reads them, and its manifest and indexes come from a local cache.
 """
 
 from __future__ import annotations
@@ -37,14 +39,23 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class ShardSet:
-    root: Path
-    tars: list[Path]
+    """An opened shard set. `root` is its directory, or for a set in S3 its `s3://bucket/prefix` URL
+    (a str), and then `tars` are the tars' URLs, `indexes` the cached local copies of the indexes and
+    `etags` the ETag of every object of the set as it was opened (manifest included)."""
+
+    root: Path | str
+    tars: list[Path] | list[str]
     indexes: list[Path]
     num_samples: int
     counts: list[int]
     classes: list[str] | None
     labeled: bool
     manifest: dict
+    etags: dict[str, str] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.etags is not None
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,10 @@ def format_index(samples: list[list[IndexEntry]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_index(index: Path) -> list[list[IndexEntry]]:
-    """Parse a DALI webdataset index; raises ShardError naming the file if it is malformed."""
-    rebuild = f"rebuild with tools/make_shards.py or run wds2idx {index.with_suffix('.tar')} {index}"
+def read_index(index: Path, rebuild: str | None = None) -> list[list[IndexEntry]]:
+    """Parse a DALI webdataset index; raises ShardError naming the file (and `rebuild`, the fix) if it is
+    malformed."""
+    rebuild = rebuild or f"rebuild with tools/make_shards.py or run wds2idx {index.with_suffix('.tar')} {index}"
     try:
         lines = index.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -109,25 +121,37 @@ def _load_manifest(root: Path) -> dict:
             f"no {MANIFEST} in {root}: rebuild with tools/make_shards.py or write one (see shards/README.md)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShardError(
-            f"cannot read {manifest_path} ({error}): rebuild with tools/make_shards.py"
-        ) from None
+        text = manifest_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ShardError(f"cannot read {manifest_path} ({error}): rebuild with tools/make_shards.py") from None
+    return parse_manifest(text, manifest_path)
+
+
+def parse_manifest(text: str, where: Path | str) -> dict:
+    """The manifest `where` holds (`text`), checked for its format and its shard entries."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ShardError(f"cannot read {where} ({error}): rebuild with tools/make_shards.py") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ShardError(f"{manifest_path} is not a {FORMAT} manifest: rebuild with tools/make_shards.py")
+        raise ShardError(f"{where} is not a {FORMAT} manifest: rebuild with tools/make_shards.py")
+    for entry in manifest.get("shards") or []:
+        if not isinstance(entry, dict) or not {"tar", "index", "num_samples"} <= entry.keys():
+            raise ShardError(
+                f"{where} has a shard entry without tar/index/num_samples: rebuild with tools/make_shards.py"
+            )
     return manifest
 
 
-def _check_index_against_tar(tar: Path, index: Path, expected_count: int) -> None:
-    """Catch stale indexes and truncated tars before DALI mmaps them."""
-    rebuild = f"rebuild with tools/make_shards.py or run wds2idx {tar} {index}"
-    samples = read_index(index)
+def check_index_against_tar(tar: Path | str, index: Path, expected_count: int, tar_size: int,
+                            rebuild: str | None = None) -> None:
+    """Catch stale indexes and truncated tars (a tar of `tar_size` bytes) before DALI reads them."""
+    rebuild = rebuild or f"rebuild with tools/make_shards.py or run wds2idx {tar} {index}"
+    samples = read_index(index, rebuild)
     if len(samples) != expected_count:
         raise ShardError(
             f"index {index} lists {len(samples)} samples but {MANIFEST} says {expected_count}: {rebuild}"
         )
-    tar_size = os.path.getsize(tar)
     for sample_number, sample in enumerate(samples):
         for entry in sample:
             if entry.offset < 0 or entry.size < 0 or entry.offset + entry.size > tar_size:
@@ -139,7 +163,12 @@ def _check_index_against_tar(tar: Path, index: Path, expected_count: int) -> Non
 
 
 def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> ShardSet:
-    """The shard set in directory `path` (or its manifest.json), after cheap consistency checks."""
+    """The shard set in directory `path` (or its manifest.json), or at an `s3://bucket/prefix` URL, after
+    cheap consistency checks."""
+    if isinstance(path, str) and path.startswith("s3://"):
+        from pipelines.s3 import open_s3_shard_set  # boto3 is imported only for sets in S3
+
+        return open_s3_shard_set(path, need_labels=need_labels)
     given = Path(path)
     if not given.exists():
         raise ShardError(f"shard directory {given} does not exist: run tools/make_shards.py SOURCE {given}")
@@ -147,16 +176,8 @@ def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> Sha
     if not root.is_dir():
         raise ShardError(f"{given} is not a shard directory: pass the directory that holds {MANIFEST}")
     manifest = _load_manifest(root)
-    entries = manifest.get("shards") or []
-    if not entries:
-        raise ShardError(f"no shards in {root}: run tools/make_shards.py SOURCE {root}")
-    tars, indexes, counts = [], [], []
-    for entry in entries:
-        if not isinstance(entry, dict) or not {"tar", "index", "num_samples"} <= entry.keys():
-            raise ShardError(
-                f"{root / MANIFEST} has a shard entry without tar/index/num_samples: "
-                "rebuild with tools/make_shards.py"
-            )
+    tars, indexes = [], []
+    for entry in manifest.get("shards") or []:
         tar, index = root / entry["tar"], root / entry["index"]
         if not tar.is_file():
             raise ShardError(
@@ -167,13 +188,21 @@ def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> Sha
                 f"missing index {index.name} for {tar.name}: rebuild with tools/make_shards.py "
                 f"or run wds2idx {tar} {index}"
             )
-        _check_index_against_tar(tar, index, int(entry["num_samples"]))
+        check_index_against_tar(tar, index, int(entry["num_samples"]), os.path.getsize(tar))
         tars.append(tar)
         indexes.append(index)
-        counts.append(int(entry["num_samples"]))
+    return make_shard_set(root, manifest, tars, indexes, need_labels=need_labels)
+
+
+def make_shard_set(root: Path | str, manifest: dict, tars: list, indexes: list[Path], *, need_labels: bool,
+                   etags: dict[str, str] | None = None) -> ShardSet:
+    """The `ShardSet` of checked shards (`tars`, `indexes` in manifest order), after the set-wide checks."""
+    counts = [int(entry["num_samples"]) for entry in manifest.get("shards") or []]
+    if not counts:
+        raise ShardError(f"no shards in {root}: run tools/make_shards.py SOURCE {root}")
     if sum(counts) != manifest.get("num_samples"):
         raise ShardError(
-            f"{root / MANIFEST} says num_samples={manifest.get('num_samples')} but its shards hold "
+            f"{root}/{MANIFEST} says num_samples={manifest.get('num_samples')} but its shards hold "
             f"{sum(counts)}: rebuild with tools/make_shards.py"
         )
     labeled = bool(manifest.get("labeled"))
@@ -191,6 +220,7 @@ def open_shard_set(path: str | os.PathLike, *, need_labels: bool = False) -> Sha
         classes=manifest.get("classes"),
         labeled=labeled,
         manifest=manifest,
+        etags=etags,
     )
 
 
@@ -243,7 +273,13 @@ def sample_labels(shards: ShardSet) -> np.ndarray:
     labels = np.full(shards.num_samples, -1, dtype=np.int64)
     at = 0
     for tar, index in zip(shards.tars, shards.indexes):
-        with open(tar, "rb") as handle:
+        if shards.remote:  # one streamed pass over each tar in S3, instead of a request per label
+            from pipelines.s3 import open_stream
+
+            opened = open_stream(shards, tar)
+        else:
+            opened = open(tar, "rb")
+        with opened as handle:
             for sample in read_index(index):
                 entry = next((entry for entry in sample if entry.ext == "lab.i32"), None)
                 if entry is not None and entry.size == 4:
@@ -367,6 +403,10 @@ def _problems(path: str | os.PathLike) -> Iterator[str]:
         shard_set = open_shard_set(path)
     except ShardError as error:
         yield str(error)
+        return
+    if shard_set.remote:
+        yield (f"{path}: --verify reads a local set (make_shards.py verifies every set before it uploads it); "
+               f"to re-check this one, copy it down (aws s3 cp --recursive {path} DIR) and verify DIR")
         return
     keys: set[str] = set()
     for tar, index, entry in zip(shard_set.tars, shard_set.indexes, shard_set.manifest["shards"]):

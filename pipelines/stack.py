@@ -195,6 +195,10 @@ class InputStack:
         """One line for a failed read: DALI's reason and the first bad sample or shard `make_shards.py --verify`
         finds (DALI names neither the shard nor the sample of an image that does not decode; which samples a
         rank reads in an epoch is DALI's shuffle, so the set is read in order, up to the first bad tar)."""
+        if self.shards.remote:  # --verify reads local sets: ask the store what changed instead
+            from pipelines.s3 import read_failure
+
+            return str(read_failure(self.shards, dali_error))
         where = f" on rank {self.rank}" if self.dali.num_shards > 1 else ""
         verify = f"tools/make_shards.py --verify {self.shards.root}"
         try:

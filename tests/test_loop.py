@@ -61,6 +61,16 @@ def test_step_signals_remember_the_first_non_finite_step_the_first_data_error_an
     assert not signals.stop
 
 
+def test_step_signals_remember_the_first_step_a_batch_could_not_be_read_for():
+    signals = training.StepSignals(ONE_CPU_PROCESS, lambda: False)
+    signals.push(1, torch.tensor(1.0))
+    signals.push(2, torch.tensor(1.0), data_error=True)
+    signals.push(3, torch.tensor(1.0), data_error=True)
+    signals.update(wait=False)  # read a step late, as the loop does between log steps
+    assert signals.data_error == 2 and signals.take_losses() == [1.0, 1.0]
+    assert not signals.stop and signals.non_finite is None
+
+
 # ---------------------------------------------------------------------------------------------- SyncBN
 
 

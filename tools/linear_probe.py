@@ -94,7 +94,9 @@ def cached_features(backbone_path, info, backbone, shards, size, batch_size, dev
         extracted, labels = extract_layers(backbone, info, shards, size, batch_size, device, list(layers))
         return {layer: extracted[layer].cpu() for layer in layers}, labels.cpu()
     weights = Path(backbone_path) / (info.get("file") or "model.safetensors")
-    source = f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{shards.root.resolve()}:{size}"
+    # a set in S3 is known by its URL and manifest version; a local one by its (resolved) directory
+    data = f"{shards.root}@{shards.etags['manifest.json']}" if shards.remote else shards.root
+    source = f"{weights.resolve()}:{weights.stat().st_mtime_ns}:{data}:{size}"
     caches = {}
     for layer in layers:
         text = source if layer == FINAL_LAYER else f"{source}:layer={layer}"

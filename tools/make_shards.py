@@ -4,6 +4,7 @@ another shard set.
     python tools/make_shards.py SOURCE OUT_DIR [--shard-size 256MB] [--max-side N] [--limit N] [--seed 0]
     python tools/make_shards.py shards/fashion-mnist-train-10k fm-5 --keep-labels 0,1,2,3,4
     python tools/make_shards.py --verify OUT_DIR
+    python tools/make_shards.py SOURCE s3://bucket/prefix     # write, verify, upload (manifest last)
 
 SOURCE is detected as one of (or forced with --source-kind):
   imagefolder  a folder whose sub-folders are the classes (sorted names -> labels 0..K-1), recursive
@@ -33,6 +34,7 @@ import re
 import struct
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -781,7 +783,7 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (", 1)[0]
 
 
-def summary_lines(manifest: dict, out_dir: Path, limit: int | None, available: int) -> list[str]:
+def summary_lines(manifest: dict, out_dir: Path | str, limit: int | None, available: int) -> list[str]:
     total_bytes = sum(shard["bytes"] for shard in manifest["shards"])
     classes = f"{len(manifest['classes'])} classes" if manifest["labeled"] else "unlabeled"
     lines = [
@@ -790,7 +792,7 @@ def summary_lines(manifest: dict, out_dir: Path, limit: int | None, available: i
     ]
     skipped = manifest["skipped"]
     if skipped:
-        lines.append(f"skipped {len(skipped)} file(s) (listed in {out_dir / MANIFEST}):")
+        lines.append(f"skipped {len(skipped)} file(s) (listed in {out_dir}/{MANIFEST}):")
         for kind, count in sorted(Counter(_reason_kind(s["reason"]) for s in skipped).items()):
             examples = [s["path"] for s in skipped if _reason_kind(s["reason"]) == kind][:SUMMARY_EXAMPLES]
             more = ", ..." if count > len(examples) else ""
@@ -949,7 +951,8 @@ def _check_arguments(parser: argparse.ArgumentParser, options: argparse.Namespac
         return
     if not options.out_dir:
         parser.error("SOURCE and OUT_DIR are required (or --verify OUT_DIR)")
-    options.name = options.name or Path(options.out_dir).resolve().name
+    options.name = options.name or (options.out_dir.rstrip("/").rsplit("/", 1)[-1]
+                                    if options.out_dir.startswith("s3://") else Path(options.out_dir).resolve().name)
     if "/" in options.name or options.name.startswith(".") or not options.name:
         parser.error(f"--name {options.name!r} must be a plain file-name prefix")
 
@@ -969,6 +972,39 @@ def verify(out_dir: str) -> int:
     return 0
 
 
+def make_shards_in_s3(options: argparse.Namespace) -> list[str]:
+    """Write the set into a local staging folder (under the fastssl cache), verify it, upload it to
+    OUT_DIR's prefix with the manifest last, then remove the staging folder."""
+    from pipelines.s3 import S3Prefix, cache_root, list_objects, upload_shard_set
+
+    url = options.out_dir
+    try:
+        where = S3Prefix.parse(url)
+        existing = list_objects(where)  # the bucket and the credentials are checked before any work
+    except ShardError as error:
+        raise CliError(str(error)) from None
+    if existing and not options.force:
+        raise CliError(f"OUT_DIR {url} already holds {len(existing)} object(s): choose another prefix or pass "
+                       "--force (replaces the set there)")
+    (cache_root() / "staging").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{options.name}-", dir=cache_root() / "staging") as staging:
+        lines = make_shards(argparse.Namespace(**{**vars(options), "out_dir": staging, "force": True}))
+        problems = verify_shard_set(staging)
+        if problems:
+            raise CliError(f"the set written to {staging} failed verification ({problems[0]}); nothing was "
+                           "uploaded")
+        manifest = json.loads((Path(staging) / MANIFEST).read_text(encoding="utf-8"))
+        files = [name for shard in manifest["shards"] for name in (shard["tar"], shard["index"])] + [MANIFEST]
+        print(f"uploading {len(files)} files to {url}", file=sys.stderr)
+        try:
+            # a replaced set's manifest, tars and indexes go; other objects under the prefix stay
+            stale = [name for name in existing if name == MANIFEST or re.fullmatch(r".+-\d{6}\.(tar|idx)", name)]
+            upload_shard_set(Path(staging), where, files, stale)
+        except ShardError as error:
+            raise CliError(f"{error} (the upload is incomplete: {url} has no {MANIFEST})") from None
+    return [line.replace(staging, url) for line in lines]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
@@ -976,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.verify:
         return verify(options.verify)
     try:
-        lines = make_shards(options)
+        lines = make_shards_in_s3(options) if options.out_dir.startswith("s3://") else make_shards(options)
     except CliError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
