@@ -32,7 +32,8 @@ from models.training import (Config, StepSignals, cores_per_process, optimizer_s
 from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.files import atomic_write_text
 from pipelines.shards import ShardError, open_shard_set, sample_labels
-from pipelines.spec import RecipeError
+from pipelines.restoration import EVALUATION_SEED, baseline_name, mean_scores, restoration_stack, score_restoration
+from pipelines.spec import RecipeError, Restoration
 from pipelines.stack import InputStack
 
 
@@ -57,7 +58,7 @@ class Training:
     model: torch.nn.Module  # the unwrapped method
     optimizer: torch.optim.Optimizer
     train_stack: InputStack
-    monitor: KnnMonitor | None
+    monitor: KnnMonitor | RestorationMonitor | None
     run: RunCheckpoints
     logger: object
     lr: float  # the peak LR after the method's batch scaling
@@ -119,8 +120,11 @@ def set_up(config: Config) -> Training:
                              seed=config.seed, device=accelerator.device, num_threads=config.data_threads,
                              need_labels=method.needs_labels, sample_indices=method.needs_sample_indices)
     method.adapt_to_data(train_stack.shards.num_samples)  # per-sample state (a memory bank), before DDP and resume
-    val_shards = knn_monitor_data(config, accelerator)
-    monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
+    if cls.evaluation == "restoration":  # PSNR per task on --val-data (any shards, labels or not)
+        monitor = RestorationMonitor(config, recipe, accelerator) if config.val_data else None
+    else:
+        val_shards = knn_monitor_data(config, accelerator)
+        monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 
     steps_per_epoch = train_stack.steps_per_epoch
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -248,9 +252,7 @@ def train(t: Training) -> int:
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
             if t.monitor and evaluate_now:
-                summary["knn_top1"] = t.monitor.evaluate_method(t.model)
-                summary["knn_random_init"] = t.monitor.baseline
-                t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
+                summary.update(t.monitor.epoch_end(t.model, step, epoch, t.logger))
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
             share_done = signals.time_share if by_time else step / total_steps
             for warning in learning.warnings(summary, share_done):
@@ -286,13 +288,18 @@ def train(t: Training) -> int:
 
 
 def finish(t: Training, completed: bool) -> int:
-    """A completed run (its planned steps done, or its time limit reached) exports its backbone."""
+    """A completed run (its planned steps done, or its time limit reached) exports its backbone (or the model
+    the method exports instead: `Method.export_model`)."""
     if completed and t.accelerator.is_main_process:
-        path = t.run.export_backbone(t.model.eval_backbone, t.config,
-                                     parse_options(t.config.backbone_options, "--backbone-options"),
-                                     input_size=t.recipe.groups[0].size,
-                                     **({"input": "lightness"} if t.recipe.lightness_input else {}))
-        t.accelerator.print(f"backbone written to {path}")
+        size = t.recipe.groups[0].size
+        path = t.model.export_model(t.run.root, input_size=size, method_options=t.config.method_options)
+        if path is not None:
+            t.accelerator.print(f"model written to {path}")
+        else:
+            path = t.run.export_backbone(t.model.eval_backbone, t.config,
+                                         parse_options(t.config.backbone_options, "--backbone-options"),
+                                         input_size=size, **({"input": "lightness"} if t.recipe.lightness_input else {}))
+            t.accelerator.print(f"backbone written to {path}")
     t.logger.close()
     t.accelerator.wait_for_everyone()
     t.accelerator.end_training()
@@ -407,6 +414,12 @@ class KnnMonitor:
         counts = self.accelerator.reduce(counts, reduction="sum")
         return counts[0].item() / counts[1].item() * 100
 
+    def epoch_end(self, model, step: int, epoch: int, logger) -> dict:
+        """The evaluation after an epoch: logged, and returned for the epoch's summary line."""
+        knn = self.evaluate_method(model)
+        logger.log({"step": step, "epoch": epoch, "knn_top1": knn})
+        return {"knn_top1": knn, "knn_random_init": self.baseline}
+
     def random_init_baseline(self, model, start_step: int, logger) -> None:
         """A fresh run (`start_step` 0) evaluates the method before its first step (`evaluate_method`) and logs
         it at step 0; a resumed run reads that record back from its metrics.jsonl (every rank gets rank 0's)."""
@@ -425,6 +438,50 @@ class KnnMonitor:
         if self.accelerator.num_processes > 1:
             broadcast_object_list(found)
         self.baseline = found[0]
+
+
+class RestorationMonitor:
+    """A restoration method's periodic evaluation (IPT; `Method.evaluation == "restoration"`): PSNR and SSIM
+    per task of `model.restore` on --val-data (labels not needed), every image corrupted by every task with
+    the same seeded draws each time, against the trivial baselines (bicubic, the noisy or rainy input);
+    `pipelines.restoration`. Each rank scores its share, the sums are reduced, every rank gets the same."""
+
+    def __init__(self, config: Config, recipe, accelerator):
+        self.accelerator = accelerator
+        self.spec = next(task for task in recipe.pretext if isinstance(task, Restoration))
+        self.stack = restoration_stack(recipe, config.val_data, max(config.batch_size, 256),
+                                       rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                       device=accelerator.device, num_threads=config.data_threads)
+        self.baseline: dict | None = None
+
+    def scores(self, restore) -> dict[str, dict[str, float]]:
+        with self.accelerator.autocast():
+            sums, _ = score_restoration(restore, self.stack, self.spec,
+                                        seed=EVALUATION_SEED + self.accelerator.process_index)
+        return mean_scores(self.accelerator.reduce(sums, reduction="sum"), self.spec.tasks)
+
+    def random_init_baseline(self, model, start_step: int, logger) -> None:
+        """The trivial baselines' PSNR per task (they do not depend on the model: computed by every run, fresh
+        or resumed), printed and logged at step 0 by a fresh run."""
+        self.baseline = self.scores(None)
+        if start_step == 0:
+            logger.log({"step": 0, "epoch": 0, **{f"baseline_psnr_{task}": round(values["baseline_psnr"], 4)
+                                                  for task, values in self.baseline.items()}})
+        self.accelerator.print("restoration baselines on --val-data (PSNR dB / SSIM): " + ", ".join(
+            f"{task} {baseline_name(task)} {values['baseline_psnr']:.2f} / {values['baseline_ssim']:.4f}"
+            for task, values in self.baseline.items()))
+
+    def epoch_end(self, model, step: int, epoch: int, logger) -> dict:
+        model.eval()
+        try:
+            scores = self.scores(model.restore)
+        finally:
+            model.train()
+        record = {"step": step, "epoch": epoch}
+        for task, values in scores.items():
+            record.update({f"psnr_{task}": round(values["psnr"], 4), f"ssim_{task}": round(values["ssim"], 4)})
+        logger.log(record)
+        return {"restoration": scores}
 
 
 class LearningCheck:
@@ -486,6 +543,8 @@ def flat_loss_warning(start: float, now: float, share_done: float, min_change: f
 
 def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     text = f"epoch {summary['epoch'] + 1}/{total_epochs}: mean loss {summary['mean_loss']:.4f}"
+    for task, values in (summary.get("restoration") or {}).items():
+        text += f" | {task} PSNR {values['psnr']:.2f} ({baseline_name(task)} {values['baseline_psnr']:.2f})"
     if summary.get("knn_top1") is not None:
         text += f" | kNN top-1 {summary['knn_top1']:.2f}%"
         if summary.get("knn_random_init") is not None:
