@@ -123,7 +123,7 @@ def test_each_sample_gets_one_task_in_equal_shares_or_every_task_with_assign_all
 def test_the_contrastive_term_is_ipts_formula_written_out():
     features = torch.randn(3, 4, 8, generator=generator(6))
     f = F.normalize(features, dim=-1)
-    temperature, total = 0.07, 0.0
+    temperature, total, total_supcon = 0.07, 0.0, 0.0
     b, n = features.shape[:2]
     for i in range(b):
         for j1 in range(n):
@@ -131,8 +131,15 @@ def test_the_contrastive_term_is_ipts_formula_written_out():
                 positive = math.exp(float(f[i, j1] @ f[i, j2]) / temperature)
                 negatives = sum(math.exp(float(f[i, j1] @ f[k, j2]) / temperature) for k in range(b) if k != i)
                 total -= math.log(positive / negatives)
+                total_supcon -= math.log(positive / (positive + negatives))
     expected = total / (b * n * n)
     assert patch_contrastive_loss(features, temperature).item() == pytest.approx(expected, rel=1e-5)
+    supcon = patch_contrastive_loss(features, temperature, form="supcon").item()
+    assert supcon == pytest.approx(total_supcon / (b * n * n), rel=1e-5) and supcon > 0
+    apart = F.one_hot(torch.arange(3), 8).float().unsqueeze(1).expand(3, 4, 8)  # images orthogonal, patches alike
+    assert patch_contrastive_loss(apart).item() == pytest.approx(math.log(2) - 1 / temperature, rel=1e-5)
+    with pytest.raises(ValueError, match="contrastive form 'x'"):
+        patch_contrastive_loss(features, form="x")
     assert patch_contrastive_loss(features[:1]).item() == 0.0  # one image: no negatives
     same = torch.randn(1, 1, 8).expand(2, 4, 8)  # identical patches everywhere: log(1 / 1)
     assert patch_contrastive_loss(same).item() == pytest.approx(0.0, abs=1e-5)

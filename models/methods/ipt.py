@@ -215,7 +215,8 @@ class IPT(Method):
                  backbone_kwargs: dict | None = None, head_preset: str | None = None, features: int | None = None,
                  depth: int | None = None, heads: int | None = None, patch: int | None = None,
                  block_kernel: int | None = None, mlp_ratio: float | None = None, tasks: str | list = RESTORATION_TASKS,
-                 assign: str = "sample", contrastive_weight: float = 0.1, temperature: float = 0.07):
+                 assign: str = "sample", contrastive_weight: float = 0.1, temperature: float = 0.07,
+                 contrastive_form: str = "paper"):
         """`tasks`: `sr2+noise30+...` (`pipelines.spec.restoration_task`); `assign`: sample | all (the
         recipe's `Restoration`); sizes: `features` (channels of heads and tails), `depth` (encoder and decoder
         layers each), `heads`, `patch` (token patch side), `block_kernel`, `mlp_ratio`."""
@@ -236,6 +237,8 @@ class IPT(Method):
         super().__init__(network, on_gpu=on_gpu, feature_dim=network.num_features)
         self.contrastive_weight = float(contrastive_weight)
         self.temperature = float(temperature)
+        self.contrastive_form = contrastive_form
+        patch_contrastive_loss(torch.zeros(1, 1, 1), form=contrastive_form)  # a bad form: one line, now
 
     @classmethod
     def default_backbone(cls, on_gpu: bool) -> tuple[str, dict[str, Any]]:
@@ -265,7 +268,7 @@ class IPT(Method):
             restored, decoded = self.backbone(inputs, task)
             outputs.append(restored)
             targets.append(made.targets[task])
-            contrastive.append(patch_contrastive_loss(decoded, self.temperature))
+            contrastive.append(patch_contrastive_loss(decoded, self.temperature, self.contrastive_form))
         l1 = l1_loss(outputs, targets)
         contrast = torch.stack(contrastive).mean()
         loss = l1 + self.contrastive_weight * contrast
