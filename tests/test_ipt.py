@@ -189,7 +189,9 @@ def test_the_preset_and_defaults():
     paper, cpu = IPT.defaults(on_gpu=True), IPT.defaults(on_gpu=False)
     assert (paper["optimizer"], paper["lr"], paper["weight_decay"], paper["multicrop"]) == ("adamw", 5e-5, 0.0, "1x48")
     assert IPT.final_lr_fraction == 0.4 and cpu["multicrop"] == "1x24@0.73-1"
-    assert IPT.HEAD_PRESETS["paper"] == dict(features=64, depth=12, heads=12, patch=3, block_kernel=5, mlp_ratio=4.0)
+    assert IPT.HEAD_PRESETS["paper"] == dict(features=64, depth=12, heads=12, patch=3, block_kernel=5, mlp_ratio=4.0,
+                                             contrastive_form="paper")
+    assert tiny().contrastive_form == "supcon" and tiny(contrastive_form="paper").contrastive_form == "paper"
 
 
 # ---------------------------------------------------------------------------------------------- train.py

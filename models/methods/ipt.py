@@ -208,31 +208,33 @@ class IPT(Method):
     final_lr_fraction = 0.4
     # the demo: 24-28 px squares of the 28-px images resized to 24 (never upscaled; 24 is divisible by 2, 3, 4)
     cpu_overrides = dict(multicrop="1x24@0.73-1", epochs=5, batch_size=32, lr=1e-3, warmup_epochs=0.2)
-    HEAD_PRESETS = {"paper": dict(features=64, depth=12, heads=12, patch=3, block_kernel=5, mlp_ratio=4.0),
-                    "small": dict(features=16, depth=2, heads=4, patch=3, block_kernel=3, mlp_ratio=2.0)}
+    # sizes and the contrastive term's form: on CPU the paper's form (the positive left out of the denominator)
+    # falls below zero within 250 steps and the PSNR under every trivial baseline; the SupCon form, the positive
+    # in the denominator, does not (docs/RESULTS.md)
+    HEAD_PRESETS = {"paper": dict(features=64, depth=12, heads=12, patch=3, block_kernel=5, mlp_ratio=4.0,
+                                  contrastive_form="paper"),
+                    "small": dict(features=16, depth=2, heads=4, patch=3, block_kernel=3, mlp_ratio=2.0,
+                                  contrastive_form="supcon")}
 
     def __init__(self, backbone: str | None = None, *, on_gpu: bool = True, stem: str = "standard",
                  backbone_kwargs: dict | None = None, head_preset: str | None = None, features: int | None = None,
                  depth: int | None = None, heads: int | None = None, patch: int | None = None,
                  block_kernel: int | None = None, mlp_ratio: float | None = None, tasks: str | list = RESTORATION_TASKS,
                  assign: str = "sample", contrastive_weight: float = 0.1, temperature: float = 0.07,
-                 contrastive_form: str = "paper"):
+                 contrastive_form: str | None = None):
         """`tasks`: `sr2+noise30+...` (`pipelines.spec.restoration_task`); `assign`: sample | all (the
         recipe's `Restoration`); sizes: `features` (channels of heads and tails), `depth` (encoder and decoder
-        layers each), `heads`, `patch` (token patch side), `block_kernel`, `mlp_ratio`."""
+        layers each), `heads`, `patch` (token patch side), `block_kernel`, `mlp_ratio`; the loss:
+        `contrastive_weight`, `temperature`, `contrastive_form` (paper | supcon, `models.restoration_losses`)."""
         if backbone not in (None, "ipt") or backbone_kwargs:
             raise ValueError("ipt builds its own restoration transformer: leave --backbone and --backbone-options "
                              "unset (its sizes are --method-options features=,depth=,heads=,patch=)")
         self.spec = Restoration(tasks=tuple(tasks.split("+")) if isinstance(tasks, str) else tuple(tasks),
                                 assign=assign)
         self.spec.for_crop(0)  # the task names and the assignment, checked before anything is built
-        sizes = {**self.HEAD_PRESETS[head_preset or ("paper" if on_gpu else "small")]} if head_preset in (
-            None, "paper", "small") else None
-        if sizes is None:
-            raise ValueError(f"unknown ipt head_preset {head_preset!r}; known: paper, small")
-        given = dict(features=features, depth=depth, heads=heads, patch=patch, block_kernel=block_kernel,
-                     mlp_ratio=mlp_ratio)
-        sizes.update({key: value for key, value in given.items() if value is not None})
+        sizes = self.head_sizes(head_preset, on_gpu, features=features, depth=depth, heads=heads, patch=patch,
+                                block_kernel=block_kernel, mlp_ratio=mlp_ratio, contrastive_form=contrastive_form)
+        contrastive_form = sizes.pop("contrastive_form")
         network = ImageProcessingTransformer(self.spec.tasks, **sizes)
         super().__init__(network, on_gpu=on_gpu, feature_dim=network.num_features)
         self.contrastive_weight = float(contrastive_weight)
