@@ -26,6 +26,10 @@ class RestorationInputs:
     targets: dict[str, torch.Tensor]
     samples: dict[str, torch.Tensor]
 
+    def to(self, device) -> RestorationInputs:
+        return RestorationInputs(*({task: tensor.to(device) for task, tensor in part.items()}
+                                   for part in (self.inputs, self.targets, self.samples)))
+
 
 def downscale(images: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic downscaling by `scale` with antialias (as PIL's and MATLAB's imresize), clipped to [0, 1]."""

@@ -209,8 +209,8 @@ class IPT(Method):
     # the demo: 24-28 px squares of the 28-px images resized to 24 (never upscaled; 24 is divisible by 2, 3, 4)
     cpu_overrides = dict(multicrop="1x24@0.73-1", epochs=5, batch_size=32, lr=1e-3, warmup_epochs=0.2)
     # sizes and the contrastive term's form: on CPU the paper's form (the positive left out of the denominator)
-    # falls below zero within 250 steps and the PSNR under every trivial baseline; the SupCon form, the positive
-    # in the denominator, does not (docs/RESULTS.md)
+    # falls below zero within 250 steps and x2, x3, x4 and sigma 30 score under their trivial baselines; the
+    # SupCon form, the positive in the denominator, does not (docs/RESULTS.md)
     HEAD_PRESETS = {"paper": dict(features=64, depth=12, heads=12, patch=3, block_kernel=5, mlp_ratio=4.0,
                                   contrastive_form="paper"),
                     "small": dict(features=16, depth=2, heads=4, patch=3, block_kernel=3, mlp_ratio=2.0,
