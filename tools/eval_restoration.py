@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         atomic_write_text(Path(args.json), json.dumps({"run": str(args.run), "val": args.val, "size": size,
                                                        "seed": args.seed, "scores": scores}, indent=2))
     if args.picture:
-        draw(pictures, scores, f"{label}: input / output / clean (PSNR of the output)", Path(args.picture))
+        draw(pictures, scores, f"{label}: input / output / clean (rows: the task's mean PSNR)", Path(args.picture))
         print(f"wrote {args.picture}")
     return 0
 
