@@ -118,6 +118,21 @@ def test_each_sample_gets_one_task_in_equal_shares_or_every_task_with_assign_all
         == {"sr2", "noise30"}  # fewer samples than tasks: the last tasks wait for the next batch
 
 
+def test_the_profilers_peer_corrupts_one_image_at_a_time_into_the_same_layout():
+    from tools.pretext_peer import PretextPeer, collate_pretext
+
+    images = torch.rand(5, 3, 24, 24, generator=generator(8))
+    for spec in (Restoration(), Restoration(assign="all")):
+        peer = PretextPeer(SimpleNamespace(pretext=(spec,)), crop=None)
+        made = collate_pretext([peer.from_tensor(image) for image in images])["restoration"]
+        assert sum(len(rows) for rows in made.samples.values()) == (5 if spec.assign == "sample" else 30)
+        for task, rows in made.samples.items():
+            side = {"sr2": 12, "sr3": 8, "sr4": 6}.get(task, 24)
+            assert made.inputs[task].shape == (len(rows), 3, side, side) and torch.equal(made.targets[task], images[rows])
+        if "sr2" in made.inputs:
+            torch.testing.assert_close(made.inputs["sr2"], downscale(made.targets["sr2"], 2))
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 
