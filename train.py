@@ -58,7 +58,7 @@ class Training:
     model: torch.nn.Module  # the unwrapped method
     optimizer: torch.optim.Optimizer
     train_stack: InputStack
-    monitor: KnnMonitor | RestorationMonitor | None
+    monitor: KnnMonitor | None
     run: RunCheckpoints
     logger: object
     lr: float  # the peak LR after the method's batch scaling
@@ -66,6 +66,7 @@ class Training:
     wd_schedule: object
     total_steps: int
     start_step: int
+    psnr_monitor: RestorationMonitor | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -120,11 +121,11 @@ def set_up(config: Config) -> Training:
                              seed=config.seed, device=accelerator.device, num_threads=config.data_threads,
                              need_labels=method.needs_labels, sample_indices=method.needs_sample_indices)
     method.adapt_to_data(train_stack.shards.num_samples)  # per-sample state (a memory bank), before DDP and resume
-    if cls.evaluation == "restoration":  # PSNR per task on --val-data (any shards, labels or not)
-        monitor = RestorationMonitor(config, recipe, accelerator) if config.val_data else None
-    else:
-        val_shards = knn_monitor_data(config, accelerator)
-        monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
+    # a restoration method (IPT) is scored by PSNR per task on --val-data (any shards, labels or not), not by kNN
+    restoration = cls.evaluation == "restoration"
+    psnr_monitor = RestorationMonitor(config, recipe, accelerator) if restoration and config.val_data else None
+    val_shards = None if restoration else knn_monitor_data(config, accelerator)
+    monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 
     steps_per_epoch = train_stack.steps_per_epoch
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -168,10 +169,12 @@ def set_up(config: Config) -> Training:
     logger = run.logger(accelerator)
     if monitor:
         monitor.random_init_baseline(model, start_step, logger)
+    if psnr_monitor:
+        psnr_monitor.baselines(start_step, logger)
     return Training(config=config, recipe=recipe, accelerator=accelerator, method=method, model=model,
                     optimizer=optimizer, train_stack=train_stack, monitor=monitor, run=run, logger=logger, lr=lr,
                     lr_schedule=lr_schedule, wd_schedule=wd_schedule, total_steps=total_steps,
-                    start_step=start_step)
+                    start_step=start_step, psnr_monitor=psnr_monitor)
 
 
 def fit_data_statistics(model, recipe, config: Config, accelerator) -> str:
@@ -251,8 +254,12 @@ def train(t: Training) -> int:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / max(len(epoch_losses), 1)}
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
+            if t.psnr_monitor and evaluate_now:
+                summary["restoration"] = t.psnr_monitor.evaluate_and_log(t.model, step, epoch, t.logger)
             if t.monitor and evaluate_now:
-                summary.update(t.monitor.epoch_end(t.model, step, epoch, t.logger))
+                summary["knn_top1"] = t.monitor.evaluate_method(t.model)
+                summary["knn_random_init"] = t.monitor.baseline
+                t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
             share_done = signals.time_share if by_time else step / total_steps
             for warning in learning.warnings(summary, share_done):
@@ -414,12 +421,6 @@ class KnnMonitor:
         counts = self.accelerator.reduce(counts, reduction="sum")
         return counts[0].item() / counts[1].item() * 100
 
-    def epoch_end(self, model, step: int, epoch: int, logger) -> dict:
-        """The evaluation after an epoch: logged, and returned for the epoch's summary line."""
-        knn = self.evaluate_method(model)
-        logger.log({"step": step, "epoch": epoch, "knn_top1": knn})
-        return {"knn_top1": knn, "knn_random_init": self.baseline}
-
     def random_init_baseline(self, model, start_step: int, logger) -> None:
         """A fresh run (`start_step` 0) evaluates the method before its first step (`evaluate_method`) and logs
         it at step 0; a resumed run reads that record back from its metrics.jsonl (every rank gets rank 0's)."""
@@ -460,7 +461,7 @@ class RestorationMonitor:
                                         seed=EVALUATION_SEED + self.accelerator.process_index)
         return mean_scores(self.accelerator.reduce(sums, reduction="sum"), self.spec.tasks)
 
-    def random_init_baseline(self, model, start_step: int, logger) -> None:
+    def baselines(self, start_step: int, logger) -> None:
         """The trivial baselines' PSNR per task (they do not depend on the model: computed by every run, fresh
         or resumed), printed and logged at step 0 by a fresh run."""
         self.baseline = self.scores(None)
@@ -471,7 +472,8 @@ class RestorationMonitor:
             f"{task} {baseline_name(task)} {values['baseline_psnr']:.2f} / {values['baseline_ssim']:.4f}"
             for task, values in self.baseline.items()))
 
-    def epoch_end(self, model, step: int, epoch: int, logger) -> dict:
+    def evaluate_and_log(self, model, step: int, epoch: int, logger) -> dict[str, dict[str, float]]:
+        """The scores after an epoch ({task: means}), logged as psnr_<task> and ssim_<task>."""
         model.eval()
         try:
             scores = self.scores(model.restore)
@@ -481,7 +483,7 @@ class RestorationMonitor:
         for task, values in scores.items():
             record.update({f"psnr_{task}": round(values["psnr"], 4), f"ssim_{task}": round(values["ssim"], 4)})
         logger.log(record)
-        return {"restoration": scores}
+        return scores
 
 
 class LearningCheck:
