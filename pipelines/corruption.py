@@ -56,15 +56,16 @@ def _uniform(low: float, high: float, count: int, generator: torch.Generator, de
 
 def motion_kernels(lengths: tuple[int, ...], choice: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """(B, K, K) motion-blur kernels, K = max(lengths): sample i's is Kornia's `get_motion_kernel2d` of
-    length lengths[choice[i]] at angles[i] degrees (uniform weights), centred in K x K. Kornia's
-    `motion_blur` takes one length per call; this makes every candidate length for the whole batch and
-    picks one per sample (no host sync)."""
+    length lengths[choice[i]] at angles[i] degrees (uniform weights, the line rotated bilinearly: an
+    anti-aliased streak, and no host sync, which Kornia's exact nearest rotation makes on a GPU), centred in
+    K x K. Kornia's `motion_blur` takes one length per call; this makes every candidate length for the whole
+    batch and picks one per sample."""
     from kornia.filters import get_motion_kernel2d
 
     side = max(lengths)
     candidates = []
     for length in lengths:
-        kernel = get_motion_kernel2d(length, angles, torch.zeros_like(angles))
+        kernel = get_motion_kernel2d(length, angles, torch.zeros_like(angles), mode="bilinear")
         border = (side - length) // 2
         candidates.append(F.pad(kernel, [border] * 4))
     stacked = torch.stack(candidates, dim=1)  # (B, lengths, K, K)
@@ -88,7 +89,8 @@ def rain_streaks(images: torch.Tensor, spec: Restoration, generator: torch.Gener
     seeds = (torch.rand(b, 1, height, width, generator=generator, device=device) < density).float()
     kernels = motion_kernels(lengths, choice, angles)
     blurred = filter2d(seeds, kernels, border_type="constant")
-    # a kernel's weights are 1 / its taps (fewer at oblique angles): a lone streak's pixels get `strength`
+    # a kernel's peak weight falls with the angle (the line's weight spread over more pixels): divided by it,
+    # a lone streak's centre line gets `strength`
     streaks = (blurred / kernels.amax(dim=(1, 2)).view(b, 1, 1, 1) * strength).clamp(max=1.0)
     return (images + streaks.to(images.dtype)).clamp(0.0, 1.0)
 

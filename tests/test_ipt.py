@@ -82,11 +82,13 @@ def test_rain_streaks_are_kornias_motion_kernels_and_the_same_for_a_seed():
     seeds = (torch.rand(3, 1, 24, 24, generator=generator(2)) < 0.03).float()
     one_length = motion_kernels((7,), torch.zeros(3, dtype=torch.long), angles)
     torch.testing.assert_close(filter2d(seeds, one_length, border_type="constant"),
-                               motion_blur(seeds, 7, angles, torch.zeros(3), border_type="constant"))
+                               motion_blur(seeds, 7, angles, torch.zeros(3), border_type="constant", mode="bilinear"))
     picked = motion_kernels((5, 7, 9), torch.tensor([0, 2, 1]), angles)
     assert picked.shape == (3, 9, 9)
-    torch.testing.assert_close(picked[0, 2:7, 2:7], get_motion_kernel2d(5, angles[:1])[0])
-    torch.testing.assert_close(picked[1], get_motion_kernel2d(9, angles[1:2])[0])
+    torch.testing.assert_close(picked[0, 2:7, 2:7], get_motion_kernel2d(5, angles[:1], mode="bilinear")[0])
+    torch.testing.assert_close(picked[1], get_motion_kernel2d(9, angles[1:2], mode="bilinear")[0])
+    vertical = motion_kernels((5,), torch.zeros(1, dtype=torch.long), torch.tensor([90.0]))[0]
+    torch.testing.assert_close(vertical[:, 2], torch.full((5,), 0.2), atol=1e-6, rtol=0)  # 90 degrees: a column
 
     spec = Restoration().for_crop(24)
     clean = torch.rand(6, 3, 24, 24, generator=generator(3)) * 0.5
