@@ -32,7 +32,8 @@ from models.training import (Config, StepSignals, cores_per_process, optimizer_s
 from pipelines.features import evaluation_stack, extract_features, gather_features
 from pipelines.files import atomic_write_text
 from pipelines.shards import ShardError, open_shard_set, sample_labels
-from pipelines.spec import RecipeError
+from pipelines.restoration import EVALUATION_SEED, baseline_name, mean_scores, restoration_stack, score_restoration
+from pipelines.spec import RecipeError, Restoration
 from pipelines.stack import InputStack
 
 
@@ -65,6 +66,7 @@ class Training:
     wd_schedule: object
     total_steps: int
     start_step: int
+    psnr_monitor: RestorationMonitor | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -119,7 +121,10 @@ def set_up(config: Config) -> Training:
                              seed=config.seed, device=accelerator.device, num_threads=config.data_threads,
                              need_labels=method.needs_labels, sample_indices=method.needs_sample_indices)
     method.adapt_to_data(train_stack.shards.num_samples)  # per-sample state (a memory bank), before DDP and resume
-    val_shards = knn_monitor_data(config, accelerator)
+    # a restoration method (IPT) is scored by PSNR per task on --val-data (any shards, labels or not), not by kNN
+    restoration = cls.evaluation == "restoration"
+    psnr_monitor = RestorationMonitor(config, recipe, accelerator) if restoration and config.val_data else None
+    val_shards = None if restoration else knn_monitor_data(config, accelerator)
     monitor = KnnMonitor(config, recipe, accelerator, val_shards) if val_shards else None
 
     steps_per_epoch = train_stack.steps_per_epoch
@@ -164,10 +169,12 @@ def set_up(config: Config) -> Training:
     logger = run.logger(accelerator)
     if monitor:
         monitor.random_init_baseline(model, start_step, logger)
+    if psnr_monitor:
+        psnr_monitor.baselines(start_step, logger)
     return Training(config=config, recipe=recipe, accelerator=accelerator, method=method, model=model,
                     optimizer=optimizer, train_stack=train_stack, monitor=monitor, run=run, logger=logger, lr=lr,
                     lr_schedule=lr_schedule, wd_schedule=wd_schedule, total_steps=total_steps,
-                    start_step=start_step)
+                    start_step=start_step, psnr_monitor=psnr_monitor)
 
 
 def fit_data_statistics(model, recipe, config: Config, accelerator) -> str:
@@ -264,6 +271,8 @@ def train(t: Training) -> int:
             summary = {"epoch": epoch, "mean_loss": sum(epoch_losses) / max(len(epoch_losses), 1)}
             epoch_losses = []
             evaluate_now = finished or (config.eval_every and (epoch + 1) % config.eval_every == 0)
+            if t.psnr_monitor and evaluate_now:
+                summary["restoration"] = t.psnr_monitor.evaluate_and_log(t.model, step, epoch, t.logger)
             if t.monitor and evaluate_now:
                 try:
                     summary["knn_top1"] = t.monitor.evaluate_method(t.model)
@@ -308,13 +317,18 @@ def train(t: Training) -> int:
 
 
 def finish(t: Training, completed: bool) -> int:
-    """A completed run (its planned steps done, or its time limit reached) exports its backbone."""
+    """A completed run (its planned steps done, or its time limit reached) exports its backbone (or the model
+    the method exports instead: `Method.export_model`)."""
     if completed and t.accelerator.is_main_process:
-        path = t.run.export_backbone(t.model.eval_backbone, t.config,
-                                     parse_options(t.config.backbone_options, "--backbone-options"),
-                                     input_size=t.recipe.groups[0].size,
-                                     **({"input": "lightness"} if t.recipe.lightness_input else {}))
-        t.accelerator.print(f"backbone written to {path}")
+        size = t.recipe.groups[0].size
+        path = t.model.export_model(t.run.root, input_size=size, method_options=t.config.method_options)
+        if path is not None:
+            t.accelerator.print(f"model written to {path}")
+        else:
+            path = t.run.export_backbone(t.model.eval_backbone, t.config,
+                                         parse_options(t.config.backbone_options, "--backbone-options"),
+                                         input_size=size, **({"input": "lightness"} if t.recipe.lightness_input else {}))
+            t.accelerator.print(f"backbone written to {path}")
     t.logger.close()
     t.accelerator.wait_for_everyone()
     t.accelerator.end_training()
@@ -458,6 +472,51 @@ class KnnMonitor:
         self.baseline = found[0]
 
 
+class RestorationMonitor:
+    """A restoration method's periodic evaluation (IPT; `Method.evaluation == "restoration"`): PSNR and SSIM
+    per task of `model.restore` on --val-data (labels not needed), every image corrupted by every task with
+    the same seeded draws each time, against the trivial baselines (bicubic, the noisy or rainy input);
+    `pipelines.restoration`. Each rank scores its share, the sums are reduced, every rank gets the same."""
+
+    def __init__(self, config: Config, recipe, accelerator):
+        self.accelerator = accelerator
+        self.spec = next(task for task in recipe.pretext if isinstance(task, Restoration))
+        self.stack = restoration_stack(recipe, config.val_data, max(config.batch_size, 256),
+                                       rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                       device=accelerator.device, num_threads=config.data_threads)
+        self.baseline: dict | None = None
+
+    def scores(self, restore) -> dict[str, dict[str, float]]:
+        with self.accelerator.autocast():
+            sums, _ = score_restoration(restore, self.stack, self.spec,
+                                        seed=EVALUATION_SEED + self.accelerator.process_index)
+        return mean_scores(self.accelerator.reduce(sums, reduction="sum"), self.spec.tasks)
+
+    def baselines(self, start_step: int, logger) -> None:
+        """The trivial baselines' PSNR per task (they do not depend on the model: computed by every run, fresh
+        or resumed), printed and logged at step 0 by a fresh run."""
+        self.baseline = self.scores(None)
+        if start_step == 0:
+            logger.log({"step": 0, "epoch": 0, **{f"baseline_psnr_{task}": round(values["baseline_psnr"], 4)
+                                                  for task, values in self.baseline.items()}})
+        self.accelerator.print("restoration baselines on --val-data (PSNR dB / SSIM): " + ", ".join(
+            f"{task} {baseline_name(task)} {values['baseline_psnr']:.2f} / {values['baseline_ssim']:.4f}"
+            for task, values in self.baseline.items()))
+
+    def evaluate_and_log(self, model, step: int, epoch: int, logger) -> dict[str, dict[str, float]]:
+        """The scores after an epoch ({task: means}), logged as psnr_<task> and ssim_<task>."""
+        model.eval()
+        try:
+            scores = self.scores(model.restore)
+        finally:
+            model.train()
+        record = {"step": step, "epoch": epoch}
+        for task, values in scores.items():
+            record.update({f"psnr_{task}": round(values["psnr"], 4), f"ssim_{task}": round(values["ssim"], 4)})
+        logger.log(record)
+        return scores
+
+
 class LearningCheck:
     """One-line warnings when a run does not seem to learn (README, "When a run does not learn"): a kNN
     evaluation under the random-init baseline, and a loss that has moved by less than `MIN_LOSS_CHANGE` of
@@ -517,6 +576,8 @@ def flat_loss_warning(start: float, now: float, share_done: float, min_change: f
 
 def format_epoch_summary(summary: dict, total_epochs: int) -> str:
     text = f"epoch {summary['epoch'] + 1}/{total_epochs}: mean loss {summary['mean_loss']:.4f}"
+    for task, values in (summary.get("restoration") or {}).items():
+        text += f" | {task} PSNR {values['psnr']:.2f} ({baseline_name(task)} {values['baseline_psnr']:.2f})"
     if summary.get("knn_top1") is not None:
         text += f" | kNN top-1 {summary['knn_top1']:.2f}%"
         if summary.get("knn_random_init") is not None:

@@ -21,6 +21,8 @@ from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
 from pipelines.spec import Inpainting
 from pipelines.masking import make_masks
 from pipelines.spec import Lab
+from pipelines.spec import Restoration
+from pipelines.corruption import restoration_inputs
 
 # The 8 neighbours of the centre cell of a 3x3 grid, row-major: label k is the patch at NEIGHBOURS[k]
 # (0 top-left, 1 top, 2 top-right, 3 left, 4 right, 5 bottom-left, 6 bottom, 7 bottom-right)
@@ -316,6 +318,8 @@ class PretextStage:
                 made[task.task] = lab_inputs(images, task)
             elif isinstance(task, Inpainting):
                 made[task.task] = inpaint(images, task, generator)
+            elif isinstance(task, Restoration):  # IPT: `pipelines.corruption.RestorationInputs`
+                made[task.task] = restoration_inputs(images, task, generator)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return made

@@ -335,6 +335,77 @@ PRETEXT_TASKS += ("inpainting",)
 PRETEXT_SPECS["inpainting"] = Inpainting
 
 
+RESTORATION_TASKS = ("sr2", "sr3", "sr4", "noise30", "noise50", "derain")  # the IPT paper's six
+RESTORATION_ASSIGN = ("sample", "all")
+_RESTORATION_TASK = re.compile(r"^(?:sr(?P<scale>[2-8])|noise(?P<sigma>\d+)|(?P<derain>derain))$")
+
+
+def restoration_task(name: str) -> tuple[str, int]:
+    """("sr", scale) for `srN` (N 2-8), ("noise", sigma on the 0-255 scale) for `noiseN`, ("derain", 0);
+    RecipeError for any other name."""
+    match = _RESTORATION_TASK.match(name)
+    if match is None:
+        raise RecipeError(f"restoration task {name!r}: use srN (N 2-8: bicubic x N), noiseN (Gaussian sigma N of 255) "
+                          f"or derain, e.g. tasks={'+'.join(RESTORATION_TASKS)}")
+    if match["scale"]:
+        return "sr", int(match["scale"])
+    if match["sigma"]:
+        return "noise", int(match["sigma"])
+    return "derain", 0
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """IPT's corruptions (Chen et al. 2021), made from clean crops on the device (`pipelines.corruption`):
+    `srN` bicubic downscaling by N with antialias (the low-resolution input; the clean crop the target),
+    `noiseN` additive Gaussian noise of sigma N on the 0-255 scale, clipped to [0, 1], `derain` synthetic
+    rain: sparse seeds (a share `rain_density` of the pixels) motion-blurred into streaks of a random length
+    (`rain_length`, a share of the crop side) at a random angle (`rain_angle`, degrees anticlockwise from
+    horizontal: 90 is vertical), brightness `rain_strength`, added and clipped. `assign`: `sample` gives
+    each sample one task (the batch split into equal parts at random), `all` every task to every sample
+    (the official training's task loop). The recipe must not normalise (inputs in [0, 1]); the crop side
+    must be divisible by every SR scale."""
+
+    tasks: tuple[str, ...] = RESTORATION_TASKS
+    assign: str = "sample"
+    rain_density: tuple[float, float] = (0.01, 0.03)
+    rain_length: tuple[float, float] = (0.2, 0.5)
+    rain_angle: tuple[float, float] = (60.0, 120.0)
+    rain_strength: tuple[float, float] = (0.3, 0.8)
+    task: str = field(default="restoration", init=False)
+
+    def for_crop(self, size: int) -> Restoration:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise RecipeError(f"restoration tasks={'+'.join(self.tasks)}: name each task once, at least one")
+        if self.assign not in RESTORATION_ASSIGN:
+            raise RecipeError(f"restoration assign={self.assign!r}: use one of {', '.join(RESTORATION_ASSIGN)}")
+        scales = [amount for kind, amount in map(restoration_task, self.tasks) if kind == "sr"]
+        multiple = math.lcm(*scales) if scales else 1
+        if size % multiple:
+            raise RecipeError(f"restoration tasks {'+'.join(self.tasks)}: the {size}-px crop must be divisible by "
+                              f"every SR scale: choose a --multicrop size divisible by {multiple} (e.g. 1x24, 1x48)")
+        for name, (low, high) in (("rain_density", self.rain_density), ("rain_length", self.rain_length),
+                                  ("rain_strength", self.rain_strength)):
+            if not 0.0 < low <= high <= 1.0:
+                raise RecipeError(f"restoration {name}={low}-{high}: needs 0 < low <= high <= 1")
+        return self
+
+    def rain_lengths(self, size: int) -> tuple[int, ...]:
+        """The streak lengths in px on a `size`-px crop: every odd length (a motion kernel's side) from
+        rain_length's low to high share of the side, at least 3."""
+        low = max(3, round(self.rain_length[0] * size) | 1)
+        high = max(low, round(self.rain_length[1] * size) | 1)
+        return tuple(range(low, high + 1, 2))
+
+    def describe(self) -> str:
+        return (f"restoration: {'+'.join(self.tasks)}, one task per sample" if self.assign == "sample" else
+                f"restoration: {'+'.join(self.tasks)}, every task on every sample")
+
+
+PRETEXT_TASKS += ("restoration",)
+PRETEXT_SPECS["restoration"] = Restoration
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything the input stack needs to turn a decoded image into views.
@@ -379,6 +450,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name}: each pretext task may appear once")
         if (self.lightness_input or any(isinstance(task, Lab) for task in self.pretext)) and self.mean is not None:
             raise RecipeError(f"recipe {self.name}: Lab needs RGB in [0, 1]: give no mean and std (normalisation)")
+        if any(isinstance(task, Restoration) for task in self.pretext) and self.mean is not None:
+            raise RecipeError(f"recipe {self.name}: restoration corrupts RGB in [0, 1]: give no mean and std")
 
     @property
     def num_views(self) -> int:
@@ -581,6 +654,11 @@ PRESETS: dict[str, Recipe] = {
     # random-resized crop of half the image or more, as the other pretext presets) and a flip, no colour ops
     "inpainting": Recipe("inpainting", (ViewGroup(1, 128, (0.5, 1.0), (NO_PHOTOMETRIC,), ratio=(1.0, 1.0)),),
                          pretext=(Inpainting(),)),
+    # IPT (Chen et al.): 48-px patches at the images' own resolution, flipped, every corruption made on the
+    # device from them; a square random crop of ~1.5-3 % of a ~400x350 photo (46-65 px) resized to 48 stands
+    # in for the native crop. No normalisation: the corruptions work on [0, 1] (0-255 for the noise sigma)
+    "ipt": Recipe("ipt", (ViewGroup(1, 48, (0.015, 0.03), (NO_PHOTOMETRIC,), ratio=(1.0, 1.0), interpolation="bicubic"),),
+                  mean=None, std=None, pretext=(Restoration(),)),
 }
 
 

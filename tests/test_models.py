@@ -221,7 +221,7 @@ def test_registry():
     assert METHODS["swav"] is SwAV and method_class("swav") is SwAV
     method = create_method("swav", backbone="resnet18", stem="cifar", on_gpu=False)
     assert isinstance(method, SwAV) and method.feature_dim == 512
-    with pytest.raises(ValueError, match="^unknown method 'nope'; known: barlowtwins, byol, colorization, decoupling, dino, inpainting, jigsaw, mae, mocov1, "
+    with pytest.raises(ValueError, match="^unknown method 'nope'; known: barlowtwins, byol, colorization, decoupling, dino, inpainting, ipt, jigsaw, mae, mocov1, "
                        "mocov2, mocov3, multitask, npid, relloc, rotnet, sim, simclr, simsiam, swav, vicreg$"):
         create_method("nope")
     with pytest.raises(ValueError, match="unknown swav head_preset 'huge'"):

@@ -56,7 +56,7 @@ def test_quick_profile_reports_every_stage_the_stack_vs_peer_ratio_and_the_bottl
 def test_a_bad_method_is_a_one_line_error(capsys):
     assert main(["--method", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "profile_throughput: error: no recipe preset for method 'nope'; known: barlowtwins, byol, colorization, decoupling, dino, inpainting, jigsaw, "
+        "profile_throughput: error: no recipe preset for method 'nope'; known: barlowtwins, byol, colorization, decoupling, dino, inpainting, ipt, jigsaw, "
         "mae, mocov1, mocov2, mocov3, multitask, npid, relloc, rotnet, sim, simclr, simsiam, swav, vicreg"]
 
 

@@ -442,12 +442,14 @@ def first_batch(recipe, batch_size: int, seed: int, data=DEMO_TRAIN):
 def batch_to(batch, device):
     """A copy of `batch` with its tensors on `device` (the sample keys stay on the host, where they are
     read)."""
+    from pipelines.corruption import RestorationInputs
+
     device = torch.device(device)
     return dataclasses.replace(
         batch, views=[view.to(device) for view in batch.views], boxes=[box.to(device) for box in batch.boxes],
         flips=[flip.to(device) for flip in batch.flips], image_sizes=batch.image_sizes.to(device),
         labels=batch.labels.to(device), masks=None if batch.masks is None else batch.masks.to(device),
-        pretext={task: dataclasses.replace(
+        pretext={task: inputs.to(device) if isinstance(inputs, RestorationInputs) else dataclasses.replace(
             inputs, images=inputs.images.to(device), labels=inputs.labels.to(device),
             order=None if inputs.order is None else inputs.order.to(device)) for task, inputs in batch.pretext.items()},
         indices=None if batch.indices is None else batch.indices.to(device))

@@ -12,6 +12,8 @@ cut at random offsets within their cells one at a time, and for
 - inpainting: the hole (the centred square, or random cells) filled with the mean pixel.
 - colorization: the crop converted to Lab, one image at a time (Kornia's rgb_to_lab on the CPU, as the
   paper's PyTorch ports call skimage's rgb2lab per image): the centred lightness and the ab target.
+- restoration (IPT): one task drawn per image (or every task), the crop corrupted alone (bicubic
+  downscaling, noise, rain streaks: `pipelines.corruption` on a batch of one).
 
 `collate_pretext` stacks the samples into the shapes of the input stack's `Batch.pretext`
 (`pipelines.pretext.PretextInputs`), so both sides end with the same tensors.
@@ -25,7 +27,8 @@ import random
 import torch
 
 from pipelines.pretext import (CENTRE, NEIGHBOURS, PretextInputs, against_shortcuts, permutation_set, standardise_tiles)
-from pipelines.spec import GridPatches, Inpainting, Jigsaw, Lab, RelativeLocation, Rotation
+from pipelines.corruption import RestorationInputs, corrupt
+from pipelines.spec import GridPatches, Inpainting, Jigsaw, Lab, RelativeLocation, Restoration, Rotation
 
 
 def cut_patches(image: torch.Tensor, spec: GridPatches, yoked: bool = False) -> torch.Tensor:
@@ -105,6 +108,13 @@ def lab_sample(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return made.images[0], made.labels[0]
 
 
+def restoration_sample(image: torch.Tensor, spec: Restoration) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """[(task, corrupted input, clean crop)]: one task drawn with `random.choice` (every task with
+    `assign="all"`), the crop corrupted on its own."""
+    names = spec.tasks if spec.assign == "all" else [random.choice(spec.tasks)]
+    return [(name, corrupt(image.unsqueeze(0), name, spec, None)[0], image) for name in names]
+
+
 class PretextPeer:
     """PIL image -> {task: that task's sample} for every pretext task of `recipe`, from one crop of it
     made by `crop` (a callable PIL image -> (C, S, S) tensor: the recipe's group 0 in torchvision)."""
@@ -128,6 +138,8 @@ class PretextPeer:
                 samples[task.task] = inpainting_sample(image, task)
             elif isinstance(task, Lab):
                 samples[task.task] = lab_sample(image)
+            elif isinstance(task, Restoration):
+                samples[task.task] = restoration_sample(image, task)
             else:
                 raise TypeError(f"unknown pretext task {task!r}")
         return samples
@@ -162,6 +174,14 @@ def collate_pretext(samples: list[dict]) -> dict[str, PretextInputs]:
         elif task == "colorization":
             batch[task] = PretextInputs(torch.stack([lightness for lightness, _ in parts]),
                                         torch.stack([ab for _, ab in parts]))
+        elif task == "restoration":  # grouped by task, as `pipelines.corruption.RestorationInputs`
+            grouped: dict[str, list] = {}
+            for index, made in enumerate(parts):
+                for name, corrupted, clean in made:
+                    grouped.setdefault(name, []).append((corrupted, clean, index))
+            batch[task] = RestorationInputs(*({name: torch.stack([entry[at] for entry in entries]) if at < 2 else
+                                               torch.tensor([entry[2] for entry in entries])
+                                               for name, entries in grouped.items()} for at in range(3)))
         else:
             raise TypeError(f"unknown pretext task {task!r}")
     return batch

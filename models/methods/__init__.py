@@ -9,6 +9,7 @@ from models.methods.colorization import Colorization
 from models.methods.decoupling import Decoupling
 from models.methods.dino import DINO
 from models.methods.inpainting import ContextEncoder
+from models.methods.ipt import IPT
 from models.methods.jigsaw import JigsawMethod
 from models.methods.mae import MAE
 from models.methods.mocov1 import MoCoV1
@@ -27,7 +28,7 @@ from models.methods.vicreg import VICReg
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SwAV, DINO, MoCoV1, MoCoV2, MoCoV3, SimCLR, BYOL, SimSiam, BarlowTwins, VICReg, MAE, SIM,
                               NPID, RotNet, Decoupling, JigsawMethod, RelativeLocationMethod, MultiTask, Colorization,
-                              ContextEncoder)
+                              ContextEncoder, IPT)
 }
 
 

@@ -156,6 +156,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     # the attribute holding the backbone that the kNN monitor evaluates and the export writes
     EVAL_BACKBONE: ClassVar[str] = "backbone"
+    # the run's periodic evaluation: "knn" (the kNN monitor on `eval_backbone`'s features) or "restoration"
+    # (PSNR and SSIM per task of the method's `restore(inputs, task)` on corrupted --val-data, train.py)
+    evaluation: ClassVar[str] = "knn"
+
+    def export_model(self, folder, input_size: int, **extra):
+        """What a finished run exports into `folder` when it is not a backbone (IPT: the whole restoration
+        model); returns the weights' path, or None: the loop exports `eval_backbone` for timm."""
+        return None
 
     @property
     def eval_backbone(self) -> nn.Module:
