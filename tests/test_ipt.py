@@ -273,3 +273,10 @@ def test_train_py_trains_ipt_with_psnr_evaluation_checkpoints_resumes_exactly_an
     assert picture.stat().st_size > 10_000
     assert eval_restoration([str(run / "checkpoints" / "step-00000002"), "--val", str(small_val)]) == 0
     assert eval_restoration([str(tmp_path)]) == 2
+
+    from tools.eval_knn import EvalError, load_backbone
+
+    for source in (run, run / "checkpoints" / "step-00000002"):  # the backbone tools point to eval_restoration
+        with pytest.raises(EvalError, match=f"restores images and has no backbone to score: use "
+                                            f"tools/eval_restoration.py {source}$"):
+            load_backbone(source)

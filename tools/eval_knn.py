@@ -60,12 +60,16 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
     from models.backbones import create_backbone
     from models.methods import method_class
+    from models.methods.ipt import MODEL_INFO as IPT_INFO
 
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
         path = path.parent
+    restoration = f"restores images and has no backbone to score: use tools/eval_restoration.py {path}"
     if (path / "meta.json").is_file():  # a checkpoint: the method's evaluation backbone out of the model
         config = json.loads((path / "meta.json").read_text())["config"]
+        if method_class(config["method"]).evaluation == "restoration":
+            raise EvalError(f"{path}: a {config['method']} checkpoint {restoration}")
         info = {"timm_name": config["backbone"], "stem": config["stem"], "method": config["method"],
                 "model_kwargs": parse_options(config.get("backbone_options"), "--backbone-options"),
                 "input_size": _first_crop_size(config["multicrop"])}
@@ -76,6 +80,8 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, dict]:
     elif (path / "backbone.json").is_file():
         info = json.loads((path / "backbone.json").read_text())
         prefix, weights_file = "", path / info["file"]
+    elif (path / IPT_INFO).is_file():
+        raise EvalError(f"{path}: an ipt run {restoration}")
     else:
         raise EvalError(f"{path}: neither a run directory with backbone.json nor a checkpoint directory "
                         f"with meta.json (train.py writes both)")
