@@ -17,8 +17,11 @@ train: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(THREADS) --mixed_precision no --dynamo_backend no \
 		train.py --method swav --multicrop 2x32+4x16
 
+# two pytest workers: most slow tests wait on processes they started (1.3x faster on a 2-core CPU)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # on a CUDA machine: every method on 1 (and all) GPUs, CPU-vs-GPU loss, host-device syncs, profiler (README)
 GPU_CHECK_OPTIONS ?=
