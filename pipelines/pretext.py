@@ -21,7 +21,7 @@ from pipelines.spec import GridPatches, Jigsaw, RelativeLocation, Rotation
 from pipelines.spec import Inpainting
 from pipelines.masking import make_masks
 from pipelines.spec import Lab
-from pipelines.spec import Restoration
+from pipelines.spec import RecipeError, Restoration
 from pipelines.corruption import restoration_inputs
 
 # The 8 neighbours of the centre cell of a 3x3 grid, row-major: label k is the patch at NEIGHBOURS[k]
@@ -296,10 +296,17 @@ def inpaint(images: torch.Tensor, spec: Inpainting, generator: torch.Generator) 
 
 class PretextStage:
     """Makes every pretext task of a recipe from group 0's views; the jigsaw permutation set is made once,
-    at construction, on the device."""
+    at construction, on the device. Given the `batch_size` it will see (a training stack's), it refuses one
+    too small for a task (restoration with one task per sample needs a sample for every task)."""
 
-    def __init__(self, tasks, device: torch.device | str):
+    def __init__(self, tasks, device: torch.device | str, batch_size: int | None = None):
         self.tasks = tuple(tasks)
+        for task in self.tasks:
+            if (isinstance(task, Restoration) and task.assign == "sample" and batch_size is not None
+                    and batch_size < len(task.tasks)):
+                raise RecipeError(f"--batch-size {batch_size} is smaller than the {len(task.tasks)} restoration "
+                                  f"tasks ({'+'.join(task.tasks)}), one per sample: use a batch of at least "
+                                  f"{len(task.tasks)} per process, fewer tasks, or --method-options assign=all")
         self.permutations = {
             task.task: permutation_set(task.permutations, task.grid ** 2, task.permutation_seed).to(device)
             for task in self.tasks if isinstance(task, Jigsaw) and task.permutations

@@ -152,7 +152,7 @@ class InputStack:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed * 1_000_003 + rank * 104_729 + 99_991) % (2**63))
         self.photometric = PhotometricStage(recipe, self.device, self.generator)
-        self.pretext = PretextStage(recipe.pretext, self.device)
+        self.pretext = PretextStage(recipe.pretext, self.device, batch_size if training else None)
         self.positions = SamplePositions(self.shards) if sample_indices else None
         self.epoch = 0
         self.step_in_epoch = 0

@@ -280,3 +280,13 @@ def test_train_py_trains_ipt_with_psnr_evaluation_checkpoints_resumes_exactly_an
         with pytest.raises(EvalError, match=f"restores images and has no backbone to score: use "
                                             f"tools/eval_restoration.py {source}$"):
             load_backbone(source)
+
+
+def test_a_batch_smaller_than_the_task_count_is_a_one_line_error():
+    from test_train import assert_one_line_error, train
+
+    assert_one_line_error(
+        train("--method", "ipt", "--backbone", "", "--multicrop", "1x24", "--batch-size", 4, "--max-steps", 1,
+              "--val-data", "", "--method-options", "features=8,heads=2,depth=1"),
+        "--batch-size 4 is smaller than the 6 restoration tasks (sr2+sr3+sr4+noise30+noise50+derain), one per "
+        "sample: use a batch of at least 6 per process, fewer tasks, or --method-options assign=all")
