@@ -200,6 +200,12 @@ def train(t: Training) -> int:
     throughput = Throughput(t.train_stack, config.batch_size * accelerator.num_processes)
     step, epoch_losses, timed_out = t.start_step, [], False
     batch, data_error = None, None
+
+    def end_with_error(message: str, every_rank: bool = True) -> int:
+        progress_bar.close()  # the error goes on its own line, after the bar
+        t.logger.close()
+        return fail_everywhere(accelerator, message) if every_rank else fail(message)
+
     while by_time or step < total_steps:
         epoch = step // t.steps_per_epoch
         at = t.schedule_index(step, signals.time_share)
@@ -214,9 +220,7 @@ def train(t: Training) -> int:
             if step == t.start_step:  # no previous batch to step on: every rank decides now (one gather)
                 message = first_data_error(accelerator, data_error)
                 if message:
-                    progress_bar.close()
-                    t.logger.close()
-                    return fail_everywhere(accelerator, f"at step {step + 1}: {message}")
+                    return end_with_error(f"at step {step + 1}: {message}")
         if keys_log and data_error is None:
             keys_log.write(f"{step + 1} {' '.join(batch.keys)}\n")
         if config.channels_last:
@@ -239,19 +243,15 @@ def train(t: Training) -> int:
         if not decide_now and (signals.stop or signals.time_share >= 1):
             signals.update(wait=True)  # this step will checkpoint: its own loss must be known to be finite
         if signals.data_error is not None:  # read by every rank at the same step: each gathers the message
-            progress_bar.close()
-            t.logger.close()
-            return fail_everywhere(accelerator, f"at step {signals.data_error}: "
-                                                f"{first_data_error(accelerator, data_error)}; the last checkpoint "
-                                                f"in {t.run.checkpoint_dir} is kept: --resume auto continues from it")
+            return end_with_error(f"at step {signals.data_error}: {first_data_error(accelerator, data_error)}; "
+                                  f"the last checkpoint in {t.run.checkpoint_dir} is kept: --resume auto "
+                                  "continues from it")
         if signals.non_finite is not None:
-            progress_bar.close()  # the error goes on its own line, after the bar
-            t.logger.close()
             bad_step, value = signals.non_finite
             shown = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another process"
-            return fail_everywhere(accelerator, f"{shown} at step {bad_step} (epoch "
-                                   f"{(bad_step - 1) // t.steps_per_epoch}); the last good checkpoint in "
-                                   f"{t.run.checkpoint_dir} is kept: lower --lr or check the data")
+            return end_with_error(f"{shown} at step {bad_step} (epoch {(bad_step - 1) // t.steps_per_epoch}); "
+                                  f"the last good checkpoint in {t.run.checkpoint_dir} is kept: lower --lr or "
+                                  "check the data")
         epoch_losses += learning.observe(signals.take_losses())
         timed_out = signals.time_share >= 1 and (by_time or step < total_steps)
         finished = planned_end or timed_out
@@ -277,9 +277,7 @@ def train(t: Training) -> int:
                 try:
                     summary["knn_top1"] = t.monitor.evaluate_method(t.model)
                 except ShardError as error:  # raised on every rank alike (`KnnMonitor.features`)
-                    progress_bar.close()
-                    t.logger.close()
-                    return fail_everywhere(accelerator, f"kNN monitor at step {step}: {error}")
+                    return end_with_error(f"kNN monitor at step {step}: {error}")
                 summary["knn_random_init"] = t.monitor.baseline
                 t.logger.log({"step": step, "epoch": epoch, "knn_top1": summary["knn_top1"]})
             accelerator.print(format_epoch_summary(summary, math.ceil(total_steps / t.steps_per_epoch)))
@@ -293,9 +291,7 @@ def train(t: Training) -> int:
             try:
                 t.run.save(step, config, accelerator, t.train_stack, t.model)
             except CheckpointError as error:  # e.g. a full disk: one line, the previous checkpoint is kept
-                progress_bar.close()
-                t.logger.close()
-                return fail(str(error))
+                return end_with_error(str(error), every_rank=False)
         if signals.stop and not finished:
             progress_bar.close()
             accelerator.print(f"stop requested: checkpoint written at step {step}" + (
